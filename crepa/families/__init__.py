@@ -1,0 +1,24 @@
+"""Registry of model-family adapters, looked up by the short name users pass as --family."""
+
+from __future__ import annotations
+
+from crepa.families.base import FamilyAdapter
+from crepa.families.wan import WanAdapter
+
+_ADAPTERS: dict[str, type[FamilyAdapter]] = {
+    WanAdapter.name: WanAdapter,
+}
+SUPPORTED_FAMILIES = tuple(_ADAPTERS)
+
+
+def get_family(name: str) -> FamilyAdapter:
+    """The adapter for `name`, or an error that lists the supported families."""
+    try:
+        return _ADAPTERS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unsupported model family {name!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        ) from None
+
+
+__all__ = ["FamilyAdapter", "SUPPORTED_FAMILIES", "get_family"]

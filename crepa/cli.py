@@ -2,16 +2,109 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import click
 
 from crepa import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class UserErrorGroup(click.Group):
+    """Turns configuration and input errors into one clear message instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="crepa")
 def main() -> None:
     """Fine-tune video DiTs with CREPA from a precomputed teacher cache."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+
+def _add_stage_commands() -> None:
+    from precompute.cli import precompute_command
+    from train.cli import train_command
+
+    main.add_command(precompute_command)
+    main.add_command(train_command)
+
+
+@main.group("cache", cls=UserErrorGroup)
+def cache_group() -> None:
+    """Inspect, check and export a feature cache."""
+
+
+@cache_group.command("info")
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the full description as JSON.")
+def cache_info(cache: str, as_json: bool) -> None:
+    """List the feature sets, entries per bucket and bytes."""
+    from crepa.cache.store import CacheStore
+    from precompute.report import bucket_table
+
+    store = CacheStore.open(cache)
+    if as_json:
+        click.echo(json.dumps({"plans": {k: {**v, "clips": len(v["clips"])} for k, v in store.plans().items()},
+                               "feature_sets": store.info()}, indent=2, default=str))
+        return
+    for name, plan in sorted(store.plans().items()):
+        click.echo(f"plan {name}: family {plan['family']}, {len(plan['clips'])} clips")
+    for line in bucket_table(store):
+        click.echo(line)
+
+
+@cache_group.command("verify")
+@click.argument("cache")
+def cache_verify(cache: str) -> None:
+    """Re-read every committed entry and check its shape, dtype and checksum."""
+    from crepa.cache.store import CacheStore
+
+    report = CacheStore.open(cache).verify(progress=True)
+    for orphan in report.orphans:
+        click.echo(f"orphan (uncommitted, ignored): {orphan}")
+    for problem in report.problems:
+        click.echo(f"PROBLEM: {problem}")
+    click.echo(f"checked {report.checked} entries: {'ok' if report.ok else f'{len(report.problems)} problems'}")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@cache_group.command("export")
+@click.argument("cache")
+@click.argument("out_dir")
+@click.option("--format", "fmt", type=click.Choice(["wds"]), default="wds", help="Export format.")
+@click.option("--family", required=True, help="Family whose training view is exported.")
+@click.option("--encoder", help="Teacher set to include (needed when the cache holds several).")
+@click.option("--no-teacher", is_flag=True, help="Export latents and text only.")
+@click.option("--maxcount", default=1000, type=int, help="Samples per shard.")
+@click.option("--maxsize", default=2**30, type=int, help="Bytes per shard.")
+def cache_export(cache: str, out_dir: str, fmt: str, family: str, encoder: str | None, no_teacher: bool,
+                 maxcount: int, maxsize: int) -> None:
+    """Write the training view as webdataset tar shards (one sample per clip)."""
+    from crepa.cache.export import export_view
+
+    shards = export_view(cache, out_dir, family=family, encoder=encoder, with_teacher=not no_teacher,
+                         maxcount=maxcount, maxsize=maxsize)
+    click.echo(f"wrote {len(shards)} shards to {out_dir}")
+
+
+@main.command("demo")
+@click.option("--workdir", default="demo_run", type=click.Path(file_okay=False), help="Where everything is written.")
+@click.option("--family", default="wan", help="Model family of the tiny models.")
+def demo(workdir: str, family: str) -> None:
+    """Tiny random models + generated clips -> precompute -> train, all local."""
+    from crepa.demo import run_demo
+
+    run_demo(workdir, family)
+
+
+_add_stage_commands()
 
 if __name__ == "__main__":
     main()

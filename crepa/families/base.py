@@ -8,6 +8,7 @@ lives behind these verbs, one module per family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,18 @@ class FamilyAdapter(ABC):
     """diffusers class of the denoiser."""
     block_list_attr: str
     """Attribute of the transformer that holds its `nn.ModuleList` of blocks."""
+    vae_class_name: str
+    """diffusers class of the VAE."""
+    text_encoder_class_name: str
+    """transformers class of the text encoder."""
+    pipeline_class_name: str
+    """diffusers pipeline whose `save_lora_weights` / `load_lora_weights` format LoRAs follow."""
+    default_text_max_length: int
+    """Tokenizer max length the family's pipeline uses."""
+    default_flow_shift: float
+    """Timestep shift of the family's flow-matching scheduler."""
+    default_lora_targets: tuple[str, ...]
+    """Module-name suffixes that LoRA wraps by default."""
 
     def transformer_class(self) -> type[nn.Module]:
         import diffusers
@@ -46,6 +59,69 @@ class FamilyAdapter(ABC):
                 f"{option}={index} is out of range: the {self.name} transformer has {count} blocks, "
                 f"valid indices are 0..{count - 1}"
             )
+
+    def vae_class(self) -> type[nn.Module]:
+        import diffusers
+
+        return getattr(diffusers, self.vae_class_name)
+
+    def text_encoder_class(self) -> type[nn.Module]:
+        import transformers
+
+        return getattr(transformers, self.text_encoder_class_name)
+
+    @abstractmethod
+    def vae_compression(self, vae_config: dict) -> tuple[int, int]:
+        """(temporal, spatial) compression of the VAE, read from its config."""
+
+    def latent_frames(self, pixel_frames: int, vae_config: dict) -> int:
+        """Latent frames for a clip of `pixel_frames` (causal VAEs: 1 + (n - 1) / t_c)."""
+        temporal, _ = self.vae_compression(vae_config)
+        return 1 + (pixel_frames - 1) // temporal
+
+    @abstractmethod
+    def encode_video(self, vae: nn.Module, pixels: torch.Tensor, sample: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> normalised latents (B, C, f, h, w), as the pipeline expects them."""
+
+    @abstractmethod
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, f, h, w) -> pixels (B, 3, F, H, W) in [-1, 1]."""
+
+    @abstractmethod
+    def encode_text(self, tokenizer: Any, text_encoder: nn.Module, captions: list[str],
+                    max_length: int) -> list[torch.Tensor]:
+        """Captions -> one (L_i, D) embedding per caption, without padding."""
+
+    @abstractmethod
+    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
+        """Keyword arguments of one denoiser forward.
+
+        noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale;
+        text_embeds (B, L, D) zero-padded to the cached max length; text_mask (B, L) bool.
+        """
+
+    @abstractmethod
+    def text_embedding_dim(self, transformer: nn.Module) -> int:
+        """Width of the text embeddings the transformer takes."""
+
+    @abstractmethod
+    def comfyui_lora_key(self, diffusers_key: str) -> str:
+        """ComfyUI's name for a LoRA tensor named as in diffusers (e.g. blocks.0.attn1.to_q.lora_A.weight)."""
+
+    @abstractmethod
+    def tiny_vae_config(self) -> dict:
+        """Constructor kwargs of a tiny VAE matching `tiny_transformer_config`."""
+
+    @abstractmethod
+    def tiny_text_encoder_config(self, vocab_size: int) -> Any:
+        """A transformers config of a tiny text encoder whose width matches the tiny transformer."""
+
+    def hidden_dim(self, transformer: nn.Module) -> int:
+        """Width D of the block outputs CREPA aligns."""
+        config = self.unwrap(transformer).config
+        return config.num_attention_heads * config.attention_head_dim
 
     @abstractmethod
     def token_grid(self, transformer: nn.Module, latent_shape: torch.Size) -> tuple[int, int, int]:

@@ -2,24 +2,104 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from crepa.families.base import FamilyAdapter
 
 
+def _latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1, 1) mean and std the Wan pipeline normalises latents with."""
+    config = vae.config
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+    std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+    return mean, std
+
+
+_COMFYUI_NAMES = (
+    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."),
+    (".to_v.", ".v."), (".to_out.0.", ".o."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+)
+
+
 class WanAdapter(FamilyAdapter):
     name = "wan"
     transformer_class_name = "WanTransformer3DModel"
     block_list_attr = "blocks"
+    vae_class_name = "AutoencoderKLWan"
+    text_encoder_class_name = "UMT5EncoderModel"
+    pipeline_class_name = "WanPipeline"
+    default_text_max_length = 512
+    default_flow_shift = 3.0
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     def token_grid(self, transformer: nn.Module, latent_shape: torch.Size) -> tuple[int, int, int]:
         p_t, p_h, p_w = self.unwrap(transformer).config.patch_size
         _, _, frames, height, width = latent_shape
         return frames // p_t, height // p_h, width // p_w
 
+    def vae_compression(self, vae_config: dict) -> tuple[int, int]:
+        temporal = vae_config.get("scale_factor_temporal") or 2 ** sum(vae_config["temperal_downsample"])
+        spatial = vae_config.get("scale_factor_spatial") or 2 ** len(vae_config["temperal_downsample"])
+        return int(temporal), int(spatial)
+
+    def encode_video(self, vae: nn.Module, pixels: torch.Tensor, sample: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
+        latents = distribution.sample(generator) if sample else distribution.mode()
+        mean, std = _latent_stats(vae, latents)
+        return (latents - mean) / std
+
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = _latent_stats(vae, latents)
+        return vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
+
+    def encode_text(self, tokenizer: Any, text_encoder: nn.Module, captions: list[str],
+                    max_length: int) -> list[torch.Tensor]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        tokens = tokenizer(
+            [prompt_clean(c) for c in captions], padding="max_length", max_length=max_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        device = next(text_encoder.parameters()).device
+        mask = tokens.attention_mask.to(device)
+        hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        lengths = mask.gt(0).sum(dim=1)
+        return [h[:n] for h, n in zip(hidden, lengths.tolist(), strict=True)]
+
+    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                           text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
+        # Wan attends to the zero-padded text tokens without a mask, exactly as its pipeline does.
+        return dict(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text_embeds,
+                    return_dict=False)
+
+    def text_embedding_dim(self, transformer: nn.Module) -> int:
+        return self.unwrap(transformer).config.text_dim
+
+    def comfyui_lora_key(self, diffusers_key: str) -> str:
+        # the inverse of diffusers' conversion of original-Wan LoRAs
+        key = f".{diffusers_key}"
+        for ours, theirs in _COMFYUI_NAMES:
+            key = key.replace(ours, theirs)
+        return "diffusion_model" + key
+
     def tiny_transformer_config(self) -> dict:
         return dict(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32,
         )
+
+    def tiny_vae_config(self) -> dict:
+        return dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                    temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                    latents_std=[1.5, 0.8, 1.0, 1.2])
+
+    def tiny_text_encoder_config(self, vocab_size: int) -> Any:
+        from transformers import UMT5Config
+
+        return UMT5Config(vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)

@@ -1,0 +1,104 @@
+"""The training view of a cache: one latents set, one text set, optionally one teacher set, joined by key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crepa.cache.store import CacheStore, FeatureSet
+from crepa.encoders import resolve_encoder
+
+
+@dataclass(frozen=True)
+class ViewClip:
+    """A clip the view can serve; every join goes through its keys, never positions."""
+
+    key: str
+    text_key: str
+    caption: str
+    group: str
+    source: str
+    num_repeats: int
+
+
+class CacheView:
+    """Selects feature sets for one family/encoder and lists the clips complete in all of them."""
+
+    def __init__(self, store: CacheStore, family: str, encoder: str | None = None, with_teacher: bool = True):
+        plans = store.plans()
+        if not plans:
+            raise ValueError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
+        families = {plan["family"] for plan in plans.values()}
+        if family not in families:
+            raise ValueError(
+                f"cache {store.url} was made for family {', '.join(sorted(families))}, not {family!r}; "
+                f"pass --family {sorted(families)[0]} or precompute a cache for {family}"
+            )
+        plans = {name: plan for name, plan in plans.items() if plan["family"] == family}
+        pairs = {(plan["latents_set"], plan["text_set"]) for plan in plans.values()}
+        if len(pairs) > 1:
+            raise ValueError(
+                f"cache {store.url} holds {family} plans made with different VAEs or text encoders "
+                f"({', '.join(sorted(plans))}); precompute them with the same models or use separate caches"
+            )
+        latents_fp, text_fp = pairs.pop()
+        self.store = store
+        self.family = family
+        self.latents = self._by_fingerprint("latents", latents_fp)
+        self.text = self._by_fingerprint("text", text_fp)
+        self.teacher = self._teacher_set(encoder) if with_teacher else None
+
+        clips: dict[str, ViewClip] = {}
+        for plan in plans.values():
+            for entry in plan["clips"]:
+                clips.setdefault(entry["key"], ViewClip(entry["key"], entry["text_key"], entry["caption"],
+                                                        entry["group"], entry["source"], entry["num_repeats"]))
+        have_latents, have_text = store.keys(self.latents), store.keys(self.text)
+        have_teacher = store.keys(self.teacher) if self.teacher is not None else None
+        self.clips: list[ViewClip] = []
+        self.incomplete: list[ViewClip] = []
+        for clip in sorted(clips.values(), key=lambda c: c.key):
+            complete = clip.key in have_latents and clip.text_key in have_text
+            complete = complete and (have_teacher is None or clip.key in have_teacher)
+            (self.clips if complete else self.incomplete).append(clip)
+
+    def _by_fingerprint(self, kind: str, fingerprint: str) -> FeatureSet:
+        for fs in self.store.feature_sets(kind):
+            if fs.fingerprint == fingerprint:
+                return fs
+        raise ValueError(f"cache {self.store.url} lost its {kind} set {fingerprint}; rerun `crepa precompute`")
+
+    def _teacher_set(self, encoder: str | None) -> FeatureSet:
+        candidates = [fs for fs in self.store.feature_sets("teacher") if fs.attrs.get("family") == self.family]
+        if encoder is not None:
+            wanted = {encoder, resolve_encoder(encoder)}
+            candidates = [fs for fs in candidates
+                          if fs.attrs.get("encoder") in wanted or fs.attrs.get("encoder_path") in wanted
+                          or fs.fingerprint == encoder]
+        if len(candidates) == 1:
+            return candidates[0]
+        listing = "; ".join(f"{fs.fingerprint} ({fs.attrs.get('encoder')}, {fs.attrs.get('image_size')}px, "
+                            f"{fs.attrs.get('resize')}, {fs.attrs.get('frames')})" for fs in candidates)
+        if not candidates:
+            every = [fs.attrs.get("encoder") for fs in self.store.feature_sets("teacher")]
+            raise ValueError(
+                f"cache {self.store.url} has no {self.family} teacher features"
+                + (f" for encoder {encoder!r}" if encoder else "")
+                + (f" (it has: {', '.join(map(str, every))}); pass one of those to --crepa-encoder" if every else
+                   "; precompute them with `crepa precompute --encoder ...` or train with "
+                   "--crepa-use-backbone-features")
+            )
+        raise ValueError(f"cache {self.store.url} has several teacher sets: {listing}; "
+                         "choose one with --crepa-encoder NAME or FINGERPRINT")
+
+    def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:
+        """{'key', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}."""
+        sample: dict[str, np.ndarray | str] = {
+            "key": clip.key,
+            "latents": self.store.read(self.latents, clip.key)["latents"],
+            "text": self.store.read(self.text, clip.text_key)["embeds"],
+        }
+        if self.teacher is not None:
+            sample["teacher"] = self.store.read(self.teacher, clip.key)["patch"]
+        return sample

@@ -1,0 +1,67 @@
+"""Tiny random-weight models saved with `save_pretrained`, for the demo and the tests.
+
+They go through exactly the loading code real checkpoints use; only their size differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from crepa.families.base import FamilyAdapter
+
+TINY_WORDS = (
+    "a the of and in on with red green blue yellow white black circle square shape shapes moving moves "
+    "slowly quickly across left right up down over background dark light bright small large video clip "
+    "camera scene ball box two three one bouncing sliding rotating colour colored"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with T5's conventions (pad 0, eos 1, unk 2, eos appended)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in TINY_WORDS:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def save_tiny_pipeline(adapter: FamilyAdapter, folder: str, seed: int = 0) -> str:
+    """Write a diffusers pipeline folder (transformer, vae, text_encoder, tokenizer, scheduler)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = adapter.text_encoder_class()(adapter.tiny_text_encoder_config(len(tokenizer))).eval()
+    vae = adapter.vae_class()(**adapter.tiny_vae_config()).eval()
+    transformer = adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.default_flow_shift)
+    pipeline = getattr(diffusers, adapter.pipeline_class_name)(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_dinov2(folder: str, registers: int = 0, seed: int = 0) -> str:
+    """Write a two-layer DINOv2 (optionally with register tokens) with the real patch size 14."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14,
+                  image_size=56)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+    else:
+        model = Dinov2Model(Dinov2Config(**common))
+    os.makedirs(folder, exist_ok=True)
+    model.eval().save_pretrained(folder)
+    return folder

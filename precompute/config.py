@@ -1,0 +1,87 @@
+"""Options of `crepa precompute`, validated before any model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from precompute.teacher import TeacherSettings
+
+LATENT_SAMPLING = ("mode", "sample")
+
+
+@dataclass
+class PrecomputeConfig:
+    """One precompute run: which clips, which models, where the cache goes."""
+
+    dataset_config: str
+    """TOML file with [general] and [[datasets]] tables."""
+    family: str
+    """Model family: wan, ..."""
+    out: str
+    """Cache directory or fsspec URL."""
+    model: str | None = None
+    """Diffusers pipeline folder or hub id holding vae/, text_encoder/ and tokenizer/."""
+    vae: str | None = None
+    """VAE folder or hub id, overriding <model>/vae."""
+    text_encoder: str | None = None
+    """Text encoder folder or hub id, overriding <model>/text_encoder."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id, overriding <model>/tokenizer."""
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    """Vision encoder and how its features are computed and stored."""
+    skip_teacher: bool = False
+    """Cache latents and text only (for backbone-mode CREPA or plain fine-tuning)."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda, cuda:1 ..."""
+    vae_dtype: str = "auto"
+    """Compute dtype of the VAE (auto: bf16 on GPU, fp32 on CPU)."""
+    encoder_dtype: str = "auto"
+    """Compute dtype of the vision encoder."""
+    text_encoder_dtype: str = "auto"
+    """Compute dtype of the text encoder."""
+    latents_dtype: str = "float32"
+    """Storage dtype of the latents."""
+    text_dtype: str = "float16"
+    """Storage dtype of the text embeddings."""
+    latent_sampling: str = "mode"
+    """mode: the posterior's mode (deterministic); sample: a draw from it, seeded per clip."""
+    seed: int = 0
+    """Seed of the posterior draws in `sample` mode."""
+    text_max_length: int | None = None
+    """Tokenizer max length (default: the family pipeline's)."""
+    encoder_batch_size: int = 16
+    """Frames per vision-encoder forward."""
+    text_batch_size: int = 16
+    """Captions per text-encoder forward."""
+    vae_tiling: bool = False
+    """Encode in spatial tiles to save memory (changes latents slightly, so it is part of the key)."""
+    vae_slicing: bool = False
+    """Encode clips of a batch one at a time."""
+    offload: bool = False
+    """Keep models on the CPU and move each to the device only for its own forward."""
+    decode_workers: int = 2
+    """Processes decoding clips ahead of the encoders (0 decodes inline)."""
+    decode_timeout: float = 120.0
+    """Seconds one clip may take to decode before it is skipped."""
+    regenerate: bool = False
+    """Recompute entries that already exist (the new ones win)."""
+    dry_run: bool = False
+    """Print what would be computed and how big it will be; compute nothing."""
+    strict: bool = False
+    """Stop at the first bad clip instead of skipping it."""
+    max_segment_mb: int = 256
+    """Size of one written segment (shard); at most this much is lost to a crash."""
+    segment_clips: int = 64
+    """Clips per written segment at most; 1 commits every clip as soon as it is encoded."""
+
+    def __post_init__(self) -> None:
+        if self.latent_sampling not in LATENT_SAMPLING:
+            raise ValueError(f"--latent-sampling={self.latent_sampling!r}; use one of {', '.join(LATENT_SAMPLING)}")
+        for name in ("latents_dtype", "text_dtype"):
+            if getattr(self, name) not in ("float16", "float32"):
+                raise ValueError(f"--{name.replace('_', '-')} must be float16 or float32, got {getattr(self, name)!r}")
+        if self.decode_workers < 0:
+            raise ValueError(f"--decode-workers must be >= 0, got {self.decode_workers}")
+        for name in ("encoder_batch_size", "text_batch_size", "max_segment_mb", "segment_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

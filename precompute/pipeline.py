@@ -1,0 +1,285 @@
+"""`run_precompute`: clips -> cache, as a chain of small stages.
+
+    plan (all ranks alike) -> this rank's slice -> what is missing
+      -> text stage: unique captions -> text encoder -> text set
+      -> video stage: decode pool (CPU workers) -> VAE -> latents set
+                                              \\-> DINOv2 -> teacher set
+Each stage only loads the models it needs, once. Writes are committed per segment, so a rerun
+after any crash computes only what is not committed yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from crepa.cache.store import CacheStore, FeatureSet
+from crepa.encoders import resolve_encoder
+from crepa.families import FamilyAdapter, get_family
+from crepa.families.loading import load_config
+from precompute.config import PrecomputeConfig
+from precompute.dataset_config import load_dataset_config
+from precompute.decode import DecodePool, DecodeTask
+from precompute.feature_sets import RunFeatureSets, open_feature_sets
+from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
+from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
+from precompute.teacher import TeacherEncoder
+
+log = logging.getLogger("crepa.precompute")
+
+
+@dataclass
+class PrecomputeSummary:
+    """What a run did, for the end-of-run table and the report stored in the cache."""
+
+    planned: int = 0
+    computed: dict[str, int] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    forward_seconds: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    estimated_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def efficiency(self) -> float:
+        """Share of the wall time spent in model forwards (decode and writes hidden behind them)."""
+        return sum(self.forward_seconds.values()) / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def distributed_slice() -> tuple[int, int]:
+    """(rank, world size) from torchrun / accelerate environment variables."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _clip_seed(seed: int, key: str) -> int:
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy().astype(dtype)
+
+
+def _estimate_bytes(clips: list[PlannedClip], adapter: FamilyAdapter, vae_config: dict, config: PrecomputeConfig,
+                    encoder_config: dict | None) -> dict[str, int]:
+    """Uncompressed bytes the missing entries will take, for --dry-run."""
+    temporal, spatial = adapter.vae_compression(vae_config)
+    channels = vae_config.get("z_dim", vae_config.get("latent_channels", 16))
+    latent_bytes = 4 if config.latents_dtype == "float32" else 2
+    estimate = {"latents": 0, "teacher": 0}
+    for clip in clips:
+        frames = adapter.latent_frames(clip.frames, vae_config)
+        estimate["latents"] += channels * frames * (clip.height // spatial) * (clip.width // spatial) * latent_bytes
+        if encoder_config is not None:
+            from precompute.teacher import encoder_input_size
+
+            patch = encoder_config["patch_size"]
+            h, w = encoder_input_size(clip.height, clip.width, config.teacher.image_size, config.teacher.resize, patch)
+            pool = config.teacher.pool
+            tokens = -(-(h // patch) // pool) * -(-(w // patch) // pool) + 1
+            estimate["teacher"] += frames * tokens * encoder_config["hidden_size"] * (
+                2 if config.teacher.dtype == "float16" else 4)
+    return estimate
+
+
+def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
+    """Fill the cache at `config.out` with everything the dataset config asks for that is not there yet."""
+    start = time.perf_counter()
+    adapter = get_family(config.family)
+    rank, world = distributed_slice()
+    device = precompute_device(config.device)
+    dtypes = {name: str(compute_dtype(getattr(config, f"{name}_dtype"), device)).removeprefix("torch.")
+              for name in ("vae", "encoder", "text_encoder")}
+
+    # Configs only: the plan is made before any weights are loaded.
+    vae_config = load_config(adapter.vae_class(), config.model, "vae", config.vae)
+    temporal, spatial = adapter.vae_compression(vae_config)
+    patch = _transformer_patch(adapter, config)
+    dataset_file = load_dataset_config(config.dataset_config, temporal)
+    for dataset in dataset_file.datasets:
+        check_bucket_sizes(dataset, spatial * patch, config.dataset_config)
+    encoder_config = None if config.skip_teacher else _encoder_config(config)
+    max_length = config.text_max_length or adapter.default_text_max_length
+
+    store = CacheStore.open(config.out, mode="a")
+    sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
+    clips, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length)
+    if rank == 0 and not config.dry_run:
+        store.write_plan(_plan_name(config.dataset_config), {
+            "family": adapter.name,
+            "dataset_config": os.path.abspath(config.dataset_config),
+            "latents_set": sets.latents.fingerprint,
+            "text_set": sets.text.fingerprint,
+            "clips": [clip.manifest_entry() for clip in clips],
+        })
+
+    # (rank, world) slices: disjoint clips and disjoint captions per process.
+    mine = clips[rank::world]
+    captions = dict(sorted({clip.text_key: clip.caption for clip in clips}.items()))
+    my_captions = dict(list(captions.items())[rank::world])
+    todo = _missing(store, sets, mine, my_captions, config.regenerate)
+    summary = PrecomputeSummary(planned=len(clips), skipped=skipped if rank == 0 else [])
+    summary.computed = {kind: len(keys) for kind, keys in todo.items()}
+    summary.reused = {"latents": len(mine) - len(todo["latents"]), "text": len(my_captions) - len(todo["text"]),
+                      "teacher": 0 if sets.teacher is None else len(mine) - len(todo["teacher"])}
+    video_clips = [clip for clip in mine if clip.key in todo["latents"] or clip.key in todo["teacher"]]
+    summary.estimated_bytes = _estimate_bytes(
+        [c for c in mine if c.key in todo["latents"]], adapter, vae_config, config, None
+    ) | {"teacher": _estimate_bytes([c for c in mine if c.key in todo["teacher"]], adapter, vae_config, config,
+                                     encoder_config)["teacher"]}
+    if config.dry_run:
+        summary.wall_seconds = time.perf_counter() - start
+        return summary
+
+    timer = Timer()
+    segment_bytes = config.max_segment_mb * 2**20
+    if todo["text"]:
+        _text_stage(adapter, config, device, store, sets.text, {k: my_captions[k] for k in sorted(todo["text"])},
+                    max_length, timer, segment_bytes)
+    if video_clips:
+        skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, todo, vae_config, timer,
+                                         segment_bytes)
+        summary.skipped += skipped
+        summary.computed.update(computed)
+    summary.forward_seconds = timer.seconds
+    summary.wall_seconds = time.perf_counter() - start
+    store.write_report(f"precompute-{time.strftime('%Y%m%d-%H%M%S')}-rank{rank}", {
+        "config": asdict(config), "planned": summary.planned, "computed": summary.computed,
+        "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
+        "forward_seconds": summary.forward_seconds, "wall_seconds": summary.wall_seconds,
+    })
+    return summary
+
+
+def _plan_name(dataset_config: str) -> str:
+    """The dataset config's file stem, as a plan name the cache accepts."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
+
+
+def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:
+    """Spatial patch of the family's DiT, read from its config when the pipeline folder has one."""
+    try:
+        patch = load_config(adapter.transformer_class(), config.model, "transformer").get("patch_size", 1)
+    except OSError:
+        return 1
+    return int(patch[-1] if isinstance(patch, list | tuple) else patch)
+
+
+def _encoder_config(config: PrecomputeConfig) -> dict:
+    from transformers import AutoConfig
+
+    from crepa.families.loading import load_pretrained
+
+    return load_pretrained(AutoConfig, None, "encoder", resolve_encoder(config.teacher.encoder)).to_dict()
+
+
+def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], captions: dict[str, str],
+             regenerate: bool) -> dict[str, set[str]]:
+    """Keys of this rank's entries that are not committed yet (all of them with --regenerate)."""
+    def todo(fs: FeatureSet | None, wanted: set[str]) -> set[str]:
+        if fs is None:
+            return set()
+        return set(wanted) if regenerate else wanted - store.keys(fs)
+
+    clip_keys = {clip.key for clip in clips}
+    return {"latents": todo(sets.latents, clip_keys), "teacher": todo(sets.teacher, clip_keys),
+            "text": todo(sets.text, set(captions))}
+
+
+def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
+                text_set: FeatureSet, captions: dict[str, str], max_length: int, timer: Timer,
+                segment_bytes: int) -> None:
+    """Unique captions -> (L, D) embeddings; the text encoder is freed before the video stage."""
+    tokenizer, encoder = load_text_encoder(adapter, config, device)
+    items = list(captions.items())
+    with store.writer(text_set, ragged=("embeds",), max_segment_bytes=segment_bytes,
+                        max_segment_entries=config.segment_clips) as writer, \
+            tqdm(total=len(items), desc="text", unit="caption") as bar:
+        for begin in range(0, len(items), config.text_batch_size):
+            batch = items[begin: begin + config.text_batch_size]
+            with torch.no_grad(), resident(encoder, device, config.offload), timer("text_encoder", device):
+                embeds = adapter.encode_text(tokenizer, encoder, [caption for _, caption in batch], max_length)
+            for (key, caption), embed in zip(batch, embeds, strict=True):
+                writer.add(key, "text", {"embeds": _to_numpy(embed, config.text_dtype)},
+                           {"caption": caption, "length": int(embed.shape[0])})
+            bar.update(len(batch))
+    del encoder, tokenizer
+    _free(device)
+
+
+def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
+                 sets: RunFeatureSets, clips: list[PlannedClip], todo: dict[str, set[str]], vae_config: dict,
+                 timer: Timer, segment_bytes: int) -> tuple[list[Skipped], dict[str, int]]:
+    """Decoded clips -> latents and teacher features; decoding runs ahead in worker processes.
+
+    Returns the clips that could not be decoded and how many entries of each kind were written.
+    """
+    temporal, _ = adapter.vae_compression(vae_config)
+    need_vae = bool(todo["latents"]) or config.teacher.input == "reconstruction"
+    vae = load_vae(adapter, config, device) if need_vae else None
+    teacher = None
+    if sets.teacher is not None and todo["teacher"]:
+        teacher = TeacherEncoder(config.teacher, device, compute_dtype(config.encoder_dtype, device),
+                                 config.encoder_batch_size)
+    by_id = dict(enumerate(clips))
+    tasks = [DecodeTask(task_id=i, source=c.video, frame_indices=c.frame_indices, size=(c.width, c.height),
+                        crop=c.crop) for i, c in by_id.items()]
+    skipped: list[Skipped] = []
+    computed = {"latents": 0, "teacher": 0}
+    latents_writer = store.writer(sets.latents, max_segment_bytes=segment_bytes,
+                        max_segment_entries=config.segment_clips)
+    teacher_writer = store.writer(sets.teacher, max_segment_bytes=segment_bytes,
+                        max_segment_entries=config.segment_clips) if teacher else None
+    with DecodePool(config.decode_workers, config.decode_timeout) as pool, \
+            tqdm(total=len(tasks), desc="clips", unit="clip") as bar:
+        for result in pool.map(tasks):
+            clip = by_id[result.task_id]
+            bar.update(1)
+            if not result.ok:
+                if config.strict:
+                    raise RuntimeError(f"{clip.source}: {result.error} (rerun without --strict to skip bad clips)")
+                skipped.append(Skipped(clip.source, result.error))
+                bar.set_postfix(skipped=len(skipped))
+                continue
+            frames = torch.from_numpy(result.frames)  # (F, H, W, 3) uint8
+            pixels = frames.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)  # (1, 3, F, H, W)
+            latents = None
+            if vae is not None:
+                generator = None
+                if config.latent_sampling == "sample":
+                    generator = torch.Generator(device).manual_seed(_clip_seed(config.seed, clip.key))
+                with torch.no_grad(), resident(vae, device, config.offload), timer("vae", device):
+                    latents = adapter.encode_video(vae, pixels.to(device), config.latent_sampling == "sample",
+                                                   generator)
+            meta = {"source": clip.source, "caption": clip.caption, "text_key": clip.text_key}
+            if clip.key in todo["latents"]:
+                latents_writer.add(clip.key, clip.group, {"latents": _to_numpy(latents[0], config.latents_dtype)},
+                                   meta)
+                computed["latents"] += 1
+            if teacher_writer is not None and clip.key in todo["teacher"]:
+                if config.teacher.input == "reconstruction":
+                    with torch.no_grad(), resident(vae, device, config.offload), timer("vae_decode", device):
+                        teacher_pixels = adapter.decode_latents(vae, latents)[0].transpose(0, 1)  # (F, 3, H, W)
+                else:
+                    teacher_pixels = pixels[0].transpose(0, 1)
+                with resident(teacher.model, device, config.offload), timer("encoder", device):
+                    patch, cls = teacher.latent_features((teacher_pixels.float() + 1.0) / 2.0, temporal)
+                teacher_writer.add(clip.key, clip.group, {"patch": _to_numpy(patch, config.teacher.dtype),
+                                                          "cls": _to_numpy(cls, config.teacher.dtype)}, meta)
+                computed["teacher"] += 1
+    latents_writer.close()
+    if teacher_writer is not None:
+        teacher_writer.close()
+    return skipped, computed
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

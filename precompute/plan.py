@@ -1,0 +1,92 @@
+"""Planning: dataset config -> the list of clips to cache, each with its keys, before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from crepa.cache.keys import clip_key, text_key
+from precompute.dataset_config import DatasetConfig
+from precompute.sampling import bucket_name, choose_bucket, plan_segments, probe_video
+from precompute.sources import iter_videos
+
+
+@dataclass
+class PlannedClip:
+    """One segment of one video, resized into one bucket: the unit of the cache."""
+
+    key: str
+    """Clip key: source identity + segment + bucket + crop."""
+    dataset: str
+    source: str
+    """Display name of the video (path or member name)."""
+    video: str | bytes
+    """What PyAV opens: a path/URL or the file's bytes."""
+    caption: str
+    text_key: str
+    frames: int
+    height: int
+    width: int
+    frame_indices: tuple[int, ...]
+    crop: str
+    num_repeats: int
+
+    @property
+    def group(self) -> str:
+        return bucket_name(self.frames, self.height, self.width)
+
+    def manifest_entry(self) -> dict:
+        """What the cache records about the clip (everything but the video bytes)."""
+        entry = asdict(self)
+        entry.pop("video")
+        entry["frame_indices"] = list(self.frame_indices)
+        entry["group"] = self.group
+        return entry
+
+
+@dataclass
+class Skipped:
+    source: str
+    reason: str
+
+
+def check_bucket_sizes(dataset: DatasetConfig, multiple: int, config_path: str) -> None:
+    """Buckets must divide into whole latent patches, or the DiT cannot take them."""
+    for width, height in dataset.resolutions:
+        if width % multiple or height % multiple:
+            raise ValueError(
+                f"{config_path}: dataset {dataset.name!r} resolution [{width}, {height}] is not a multiple of "
+                f"{multiple} (VAE compression x patch size); use e.g. [{round(width / multiple) * multiple}, "
+                f"{round(height / multiple) * multiple}]"
+            )
+
+
+def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_length: int
+               ) -> tuple[list[PlannedClip], list[Skipped]]:
+    """Every clip of every dataset, in a deterministic order, plus what cannot be used and why."""
+    clips: list[PlannedClip] = []
+    skipped: list[Skipped] = []
+    for dataset in datasets:
+        for item in iter_videos(dataset):
+            if item.caption is None:
+                skipped.append(Skipped(item.name, item.caption_error or "no caption"))
+                continue
+            try:
+                info = probe_video(item.video)
+            except Exception as error:  # a corrupt container fails here; the run goes on without it
+                skipped.append(Skipped(item.name, f"cannot read video: {error}"))
+                continue
+            segments = plan_segments(info, dataset)
+            if not segments.segments:
+                skipped.append(Skipped(item.name, segments.reason))
+                continue
+            width, height = choose_bucket(info.width, info.height, dataset.resolutions)
+            for segment in segments.segments:
+                bucket = {"frames": segment.num_frames, "height": height, "width": width, "crop": dataset.crop}
+                clips.append(PlannedClip(
+                    key=clip_key(item.identity, {"frames": list(segment.frame_indices)}, bucket),
+                    dataset=dataset.name, source=item.name, video=item.video, caption=item.caption,
+                    text_key=text_key(item.caption, text_identity, text_max_length),
+                    frames=segment.num_frames, height=height, width=width,
+                    frame_indices=tuple(segment.frame_indices), crop=dataset.crop, num_repeats=dataset.num_repeats,
+                ))
+    return clips, skipped

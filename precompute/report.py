@@ -1,0 +1,54 @@
+"""End-of-run tables: what was computed, what each bucket holds, what was skipped and why."""
+
+from __future__ import annotations
+
+import click
+
+from crepa.cache.store import CacheStore
+from precompute.config import PrecomputeConfig
+from precompute.pipeline import PrecomputeSummary
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def bucket_table(store: CacheStore) -> list[str]:
+    """One line per (feature set, bucket): entries and stored bytes."""
+    lines = [f"{'kind':8} {'set':16} {'encoder/model':24} {'group':22} {'entries':>8} {'bytes':>11}"]
+    for fingerprint, item in sorted(store.info().items(), key=lambda kv: (kv[1]["attrs"]["kind"], kv[0])):
+        attrs = item["attrs"]
+        name = str(attrs.get("encoder") or attrs.get("vae") or attrs.get("text_encoder") or "")[-24:]
+        for group, stats in sorted(item["groups"].items()):
+            lines.append(f"{attrs['kind']:8} {fingerprint:16} {name:24} {group:22} {stats['entries']:>8} "
+                         f"{human_bytes(stats['bytes']):>11}")
+    return lines
+
+
+def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
+    echo = click.echo
+    if config.dry_run:
+        echo(f"dry run: {summary.planned} clips planned")
+        for kind in ("text", "latents", "teacher"):
+            size = summary.estimated_bytes.get(kind)
+            extra = f", about {human_bytes(size)} uncompressed" if size else ""
+            echo(f"  {kind:8} to compute {summary.computed.get(kind, 0):6}  already cached "
+                 f"{summary.reused.get(kind, 0):6}{extra}")
+        return
+    echo(f"planned {summary.planned} clips")
+    for kind in ("text", "latents", "teacher"):
+        echo(f"  {kind:8} computed {summary.computed.get(kind, 0):6}  reused {summary.reused.get(kind, 0):6}")
+    if summary.forward_seconds:
+        forwards = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.forward_seconds.items()))
+        echo(f"wall {summary.wall_seconds:.1f}s; model forwards {forwards}; efficiency {summary.efficiency:.2f}")
+    echo("")
+    for line in bucket_table(CacheStore.open(config.out)):
+        echo(line)
+    if summary.skipped:
+        echo(f"\nskipped {len(summary.skipped)}:")
+        for item in summary.skipped:
+            echo(f"  {item.source}: {item.reason}")

@@ -1,0 +1,60 @@
+"""Synthetic videos for the demo and the tests: real mp4 files, no download."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_interval: int | None = None) -> None:
+    """Encode uint8 (F, H, W, 3) RGB `frames` to `path` as H.264 (MPEG-4 Part 2 when this PyAV lacks libx264),
+    yuv420p. `keyframe_interval` sets the GOP length (short GOPs exercise seeking)."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even sides, got {width}x{height}; crop or pad by one pixel")
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if keyframe_interval is not None:
+            stream.codec_context.gop_size = keyframe_interval
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def moving_shapes_clip(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (F, H, W, 3): a few coloured discs and boxes gliding smoothly over a gradient background."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)  # (H, W) each
+    corner_a, corner_b = rng.uniform(20, 120, 3), rng.uniform(20, 120, 3)
+    mix = (xs / max(width - 1, 1) + ys / max(height - 1, 1))[..., None] / 2  # (H, W, 1) in [0, 1]
+    background = (corner_a * (1 - mix) + corner_b * mix).astype(np.uint8)  # (H, W, 3)
+    clip = np.broadcast_to(background, (num_frames, height, width, 3)).copy()
+    t = np.linspace(0.0, 1.0, num_frames, dtype=np.float32)[:, None, None]  # (F, 1, 1)
+    size = min(height, width)
+    for shape in range(3):
+        colour = rng.integers(130, 256, 3).astype(np.uint8)
+        radius = rng.uniform(0.12, 0.22) * size
+        start = rng.uniform(0.2, 0.8, 2) * (height, width)
+        amplitude = rng.uniform(0.1, 0.3, 2) * (height, width)
+        phase = rng.uniform(0, 2 * np.pi, 2)
+        centre_y = start[0] + amplitude[0] * np.sin(2 * np.pi * t + phase[0])  # (F, 1, 1)
+        centre_x = start[1] + amplitude[1] * np.sin(2 * np.pi * t + phase[1])
+        if shape % 2:  # box
+            inside = (np.abs(ys - centre_y) <= radius) & (np.abs(xs - centre_x) <= radius)
+        else:  # disc
+            inside = (ys - centre_y) ** 2 + (xs - centre_x) ** 2 <= radius**2
+        clip[inside] = colour  # inside: (F, H, W)
+    return clip
+
+
+def flat_colour_clip(colours: list[tuple[int, int, int]], height: int, width: int) -> np.ndarray:
+    """uint8 (len(colours), H, W, 3): frame i is filled with colours[i] (lets tests tell frames apart)."""
+    palette = np.asarray(colours, dtype=np.uint8)[:, None, None, :]  # (F, 1, 1, 3)
+    return np.broadcast_to(palette, (len(colours), height, width, 3)).copy()

@@ -1,0 +1,64 @@
+"""Tiny random-weight models and real mp4 clips shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """A Wan pipeline folder and two DINOv2 encoders (plain and with registers), saved with save_pretrained."""
+    from crepa.families import get_family
+    from crepa.tiny_models import save_tiny_dinov2, save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "wan": save_tiny_pipeline(get_family("wan"), str(root / "wan")),
+        "dinov2": save_tiny_dinov2(str(root / "dinov2")),
+        "dinov2_reg": save_tiny_dinov2(str(root / "dinov2_reg"), registers=4, seed=1),
+    }
+
+
+def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "") -> str:
+    """`clips` moving-shape videos with captions in folder/clips and a dataset TOML; returns its path."""
+    from crepa.demo import write_demo_clips
+
+    write_demo_clips(folder / "clips", count=clips, frames=frames)
+    config = folder / "dataset.toml"
+    config.write_text(
+        "[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\nframe_extraction = \"head\"\n"
+        f"{config_extra}\n[[datasets]]\nname = \"t\"\nvideo_directory = \"clips\"\n"
+    )
+    return str(config)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> str:
+    return write_dataset(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained_cache(tmp_path_factory, tiny_models) -> str:
+    """A finished cache of 3 clips (one bucket), shared read-only by training tests."""
+    from precompute.config import PrecomputeConfig
+    from precompute.pipeline import run_precompute
+    from precompute.teacher import TeacherSettings
+
+    root = tmp_path_factory.mktemp("cache")
+    config = PrecomputeConfig(dataset_config=write_dataset(root), family="wan", out=str(root / "cache"),
+                              model=tiny_models["wan"], device="cpu", decode_workers=0,
+                              teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56))
+    run_precompute(config)
+    return str(root / "cache")
+
+
+def copy_tree(source: str, target: Path) -> str:
+    shutil.copytree(source, target)
+    return str(target)

@@ -1,0 +1,211 @@
+"""Precompute end to end on tiny real models and real mp4 files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import write_dataset
+
+from crepa.cache.store import CacheStore
+from crepa.cache.view import CacheView
+from precompute.config import PrecomputeConfig
+from precompute.pipeline import run_precompute
+from precompute.teacher import TeacherEncoder, TeacherSettings
+
+
+def config_for(dataset: str, out: str, models: dict, **kw) -> PrecomputeConfig:
+    teacher = kw.pop("teacher", TeacherSettings(encoder=models["dinov2"], image_size=56))
+    return PrecomputeConfig(dataset_config=dataset, family="wan", out=out, model=models["wan"], device="cpu",
+                            decode_workers=kw.pop("decode_workers", 0), teacher=teacher, **kw)
+
+
+def test_shapes_dtypes_and_self_description(tmp_path, dataset, tiny_models):
+    out = str(tmp_path / "cache")
+    summary = run_precompute(config_for(dataset, out, tiny_models, decode_workers=1))
+    assert summary.computed == {"latents": 3, "teacher": 3, "text": 3}
+    view = CacheView(CacheStore.open(out), "wan")
+    assert len(view.clips) == 3 and not view.incomplete
+    sample = view.load(view.clips[0])
+    # 9 pixel frames -> 3 latent frames; 48x64 pixels / 8 -> 6x8; 4 latent channels
+    assert sample["latents"].shape == (4, 3, 6, 8) and sample["latents"].dtype == np.float32
+    # aspect resize of 48x64 to ~56^2 pixels: 42x70 -> 3x5 patches of width 32
+    assert sample["teacher"].shape == (3, 3, 5, 32) and sample["teacher"].dtype == np.float16
+    assert sample["text"].ndim == 2 and sample["text"].shape[1] == 16 and sample["text"].dtype == np.float16
+
+    root = zarr.open_group(out, mode="r")  # plain zarr can open and describe it
+    assert root.attrs["schema_version"] == 1
+    teacher_attrs = view.teacher.attrs
+    assert teacher_attrs["encoder"] == tiny_models["dinov2"] and teacher_attrs["dim"] == 32
+    assert "latent frame 0 <- pixel frame 0" in teacher_attrs["temporal_mapping"]
+    assert CacheStore.open(out).verify().ok
+
+
+def flat_clip_dataset(folder: Path) -> str:
+    from precompute.synthetic import flat_colour_clip, write_video
+
+    colours = [(20 * i, 255 - 20 * i, (97 * i) % 256) for i in range(9)]
+    (folder / "clips").mkdir(parents=True)
+    write_video(str(folder / "clips" / "flat.mp4"), flat_colour_clip(colours, 48, 64), fps=8)
+    (folder / "clips" / "flat.txt").write_text("a flat colour video")
+    config = folder / "dataset.toml"
+    config.write_text('[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\n[[datasets]]\n'
+                      'video_directory = "clips"\n')
+    return str(config)
+
+
+@pytest.mark.parametrize("mode", ["stride", "mean"])
+def test_temporal_mapping_of_teacher_frames(tmp_path, tiny_models, mode):
+    from precompute.decode import decode_segment
+
+    dataset = flat_clip_dataset(tmp_path)
+    settings = TeacherSettings(encoder=tiny_models["dinov2"], image_size=56, frames=mode, dtype="float32")
+    out = str(tmp_path / "cache")
+    run_precompute(config_for(dataset, out, tiny_models, teacher=settings))
+    view = CacheView(CacheStore.open(out), "wan")
+    stored = view.load(view.clips[0])["teacher"]  # (3, ht, wt, D)
+
+    frames = decode_segment(str(tmp_path / "clips" / "flat.mp4"), tuple(range(9)), (64, 48), "center")
+    pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    per_frame, _ = TeacherEncoder(settings, torch.device("cpu"), torch.float32).frame_features(pixels)
+    if mode == "stride":  # latent frame i <- pixel frame 4i
+        expected = per_frame[[0, 4, 8]]
+    else:  # latent frame i <- mean of pixel frames 4(i-1)+1 .. 4i
+        expected = torch.stack([per_frame[0], per_frame[1:5].mean(0), per_frame[5:9].mean(0)])
+    np.testing.assert_allclose(stored, expected.numpy(), atol=1e-4)
+    assert not np.allclose(stored[1], stored[2])
+
+
+def test_second_encoder_computes_only_the_new_teacher_set(tmp_path, dataset, tiny_models):
+    out = str(tmp_path / "cache")
+    run_precompute(config_for(dataset, out, tiny_models))
+    again = run_precompute(config_for(dataset, out, tiny_models))
+    assert again.computed == {"latents": 0, "teacher": 0, "text": 0}
+    other = TeacherSettings(encoder=tiny_models["dinov2_reg"], image_size=56)
+    second = run_precompute(config_for(dataset, out, tiny_models, teacher=other))
+    assert second.computed == {"latents": 0, "teacher": 3, "text": 0}
+    store = CacheStore.open(out)
+    assert len(store.feature_sets("teacher")) == 2
+    with pytest.raises(ValueError, match="several teacher sets"):
+        CacheView(store, "wan")
+    view = CacheView(store, "wan", encoder=tiny_models["dinov2_reg"])
+    assert view.teacher.attrs["register_tokens"] == 4 and len(view.clips) == 3
+
+
+def test_changed_caption_is_recomputed_not_served_stale(tmp_path, dataset, tiny_models):
+    out = str(tmp_path / "cache")
+    run_precompute(config_for(dataset, out, tiny_models))
+    (tmp_path / "clips" / "clip_01.txt").write_text("a white box sliding left")
+    summary = run_precompute(config_for(dataset, out, tiny_models))
+    assert summary.computed == {"latents": 0, "teacher": 0, "text": 1}
+    view = CacheView(CacheStore.open(out), "wan")
+    captions = {clip.source.rsplit("/", 1)[-1]: clip.caption for clip in view.clips}
+    assert captions["clip_01.mp4"] == "a white box sliding left"
+
+
+def test_bad_clips_are_skipped_with_reasons(tmp_path, tiny_models):
+    dataset = write_dataset(tmp_path, clips=2)
+    (tmp_path / "clips" / "broken.mp4").write_bytes(os.urandom(4096))
+    (tmp_path / "clips" / "broken.txt").write_text("noise")
+    from precompute.synthetic import moving_shapes_clip, write_video
+
+    write_video(str(tmp_path / "clips" / "short.mp4"), moving_shapes_clip(5, 48, 64), fps=16)
+    (tmp_path / "clips" / "short.txt").write_text("too short")
+    write_video(str(tmp_path / "clips" / "nocaption.mp4"), moving_shapes_clip(9, 48, 64), fps=16)
+    out = str(tmp_path / "cache")
+    summary = run_precompute(config_for(dataset, out, tiny_models))
+    reasons = {Path(s.source).name: s.reason for s in summary.skipped}
+    assert set(reasons) == {"broken.mp4", "short.mp4", "nocaption.mp4"}
+    assert "9" in reasons["short.mp4"] and "5" in reasons["short.mp4"]
+    assert "caption" in reasons["nocaption.mp4"]
+    assert summary.computed["latents"] == 2
+    assert len(CacheView(CacheStore.open(out), "wan").clips) == 2
+
+
+def test_wrong_target_frames_and_bucket_fail_before_models_load(tmp_path, tiny_models):
+    bad_frames = write_dataset(tmp_path / "a", config_extra="")
+    Path(bad_frames).write_text(Path(bad_frames).read_text().replace("[9]", "[8]"))
+    with pytest.raises(ValueError, match="target_frames"):
+        run_precompute(config_for(bad_frames, str(tmp_path / "c1"), tiny_models))
+    bad_bucket = write_dataset(tmp_path / "b")
+    Path(bad_bucket).write_text(Path(bad_bucket).read_text().replace("[[64, 48]]", "[[60, 48]]"))
+    with pytest.raises(ValueError, match=r"not a multiple of 16"):
+        run_precompute(config_for(bad_bucket, str(tmp_path / "c2"), tiny_models))
+
+
+def test_memory_url_cache(tmp_path, dataset, tiny_models):
+    url = f"memory://crepa-test-{os.getpid()}"
+    run_precompute(config_for(dataset, url, tiny_models))
+    view = CacheView(CacheStore.open(url), "wan")
+    assert len(view.clips) == 3 and view.load(view.clips[0])["latents"].shape == (4, 3, 6, 8)
+
+
+def precompute_cli(dataset: str, out: str, models: dict, *extra: str, env: dict | None = None) -> list[str]:
+    return [sys.executable, "-m", "crepa.cli", "precompute", "--config", dataset, "--family", "wan", "--out", out,
+            "--model", models["wan"], "--encoder", models["dinov2"], "--encoder-image-size", "56", "--device", "cpu",
+            "--decode-workers", "0", *extra]
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path, tiny_models):
+    dataset = write_dataset(tmp_path, clips=8)
+    out = str(tmp_path / "cache")
+    process = subprocess.Popen(precompute_cli(dataset, out, tiny_models, "--segment-clips", "1"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = Path(out) / "manifest" / "teacher"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if len(list(manifest.rglob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    store = CacheStore.open(out)
+    done = len(store.keys(store.feature_sets("teacher")[0]))
+    assert 2 <= done < 8, "the kill should land mid-run"
+    assert store.verify().problems == []
+
+    summary = run_precompute(config_for(dataset, out, tiny_models))
+    assert summary.computed["teacher"] == 8 - done
+    assert len(CacheView(CacheStore.open(out), "wan").clips) == 8
+    assert CacheStore.open(out).verify().ok
+
+
+def test_two_processes_equal_one(tmp_path, tiny_models):
+    dataset = write_dataset(tmp_path, clips=4)
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    run_precompute(config_for(dataset, single, tiny_models))
+    procs = [subprocess.Popen(precompute_cli(dataset, double, tiny_models),
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"}) for r in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    one, two = CacheView(CacheStore.open(single), "wan"), CacheView(CacheStore.open(double), "wan")
+    assert [c.key for c in one.clips] == [c.key for c in two.clips] and len(two.clips) == 4
+    for clip in one.clips:
+        a, b = one.load(clip), two.load(clip)
+        for name in ("latents", "teacher", "text"):
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_webdataset_export_reads_back(tmp_path, trained_cache):
+    import webdataset as wds
+
+    from crepa.cache.export import export_view
+
+    shards = export_view(trained_cache, str(tmp_path / "shards"), family="wan", maxcount=2)
+    assert len(shards) == 2
+    view = CacheView(CacheStore.open(trained_cache), "wan")
+    seen = 0
+    for sample in wds.WebDataset(shards, shardshuffle=False).decode():
+        expected = view.load(next(c for c in view.clips if c.key == sample["__key__"]))
+        np.testing.assert_array_equal(sample["latents.npy"], expected["latents"])
+        np.testing.assert_array_equal(sample["teacher.npy"], expected["teacher"])
+        np.testing.assert_array_equal(sample["text.npy"], expected["text"])
+        seen += 1
+    assert seen == 3

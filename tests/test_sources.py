@@ -1,0 +1,126 @@
+"""Every source kind yields its videos with identity and caption; missing captions are reported, not raised."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+import webdataset
+
+from precompute.dataset_config import DatasetConfig, load_dataset_config
+from precompute.sampling import probe_video
+from precompute.sources import iter_videos
+from precompute.synthetic import moving_shapes_clip, write_video
+
+
+def make_clip(path: Path, seed: int = 0, frames: int = 9) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_video(path, moving_shapes_clip(frames, 16, 16, seed), fps=8)
+    return path
+
+
+def load_one(tmp_path: Path, source_lines: str) -> DatasetConfig:
+    config = tmp_path / "data.toml"
+    config.write_text(f"[[datasets]]\n{source_lines}\nresolutions = [[16, 16]]\ntarget_frames = [9]\n")
+    return load_dataset_config(str(config), temporal_compression=4).datasets[0]
+
+
+def test_video_directory_reads_sidecar_captions_and_reports_missing_ones(tmp_path):
+    make_clip(tmp_path / "clips" / "b.mp4", seed=1)
+    make_clip(tmp_path / "clips" / "nested" / "a.mov", seed=2)
+    (tmp_path / "clips" / "b.txt").write_text("  a red disc  \n")
+    (tmp_path / "clips" / "nested" / "a.txt").write_text("boxes")
+    make_clip(tmp_path / "clips" / "c.mp4", seed=3)
+    (tmp_path / "clips" / "._b.mp4").write_bytes(b"resource fork")  # macOS litter, not a video
+    (tmp_path / "clips" / "notes.md").write_text("not a video")
+
+    items = list(iter_videos(load_one(tmp_path, 'video_directory = "clips"')))
+    assert [item.name for item in items] == ["b.mp4", "c.mp4", "nested/a.mov"]
+    b, c, a = items
+    assert (b.caption, b.caption_error, a.caption) == ("a red disc", None, "boxes")
+    assert c.caption is None and "missing caption file c.txt" in c.caption_error
+    assert b.dataset == "clips" and b.video == str(tmp_path / "clips" / "b.mp4")
+    assert b.identity["path"] == b.video and b.identity["size"] == os.path.getsize(b.video)
+    assert probe_video(a.video).num_frames == 9
+
+
+def test_jsonl_resolves_paths_against_its_folder(tmp_path):
+    make_clip(tmp_path / "meta" / "videos" / "one.mp4")
+    absolute = make_clip(tmp_path / "elsewhere" / "two.mp4", seed=4)
+    lines = [
+        {"video_path": "videos/one.mp4", "caption": "first"},
+        {"video_path": str(absolute)},
+    ]
+    (tmp_path / "meta" / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    one, two = iter_videos(load_one(tmp_path, 'video_jsonl_file = "meta/list.jsonl"'))
+    assert one.video == str(tmp_path / "meta" / "videos" / "one.mp4") and one.caption == "first"
+    assert one.name == "videos/one.mp4" and one.dataset == "list"
+    assert two.video == str(absolute) and two.caption is None
+    assert 'list.jsonl line 2 has no "caption" string' in two.caption_error
+
+    (tmp_path / "meta" / "list.jsonl").write_text('{"video_path": "videos/one.mp4", "caption": "x"}\n{oops\n')
+    with pytest.raises(ValueError, match="list.jsonl line 2 is not valid JSON"):
+        list(iter_videos(load_one(tmp_path, 'video_jsonl_file = "meta/list.jsonl"')))
+    (tmp_path / "meta" / "list.jsonl").write_text('{"video_path": "videos/gone.mp4", "caption": "x"}\n')
+    with pytest.raises(FileNotFoundError, match="line 1: video .*gone.mp4 does not exist"):
+        list(iter_videos(load_one(tmp_path, 'video_jsonl_file = "meta/list.jsonl"')))
+
+
+def test_hf_dataset_with_path_column_and_with_video_bytes(tmp_path):
+    make_clip(tmp_path / "hf_paths" / "videos" / "one.mp4")
+    rows = {"clip": ["videos/one.mp4", "videos/one.mp4"], "text": ["a caption", None]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "hf_paths"))
+    dataset = load_one(tmp_path, 'hf_dataset = "hf_paths"\nvideo_column = "clip"\ncaption_column = "text"')
+    first, second = iter_videos(dataset)
+    assert first.video == str(tmp_path / "hf_paths" / "videos" / "one.mp4") and first.caption == "a caption"
+    assert first.identity["size"] == os.path.getsize(first.video)
+    assert second.caption is None and "row 1 has no caption in column 'text'" in second.caption_error
+
+    data = make_clip(tmp_path / "raw.mp4", seed=5).read_bytes()
+    features = datasets.Features({"video": datasets.Video(), "caption": datasets.Value("string")})
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"video": [{"bytes": data, "path": "raw.mp4"}], "caption": ["c"]}, features
+            )
+        }
+    )
+    splits.save_to_disk(str(tmp_path / "hf_bytes"))
+    (item,) = iter_videos(load_one(tmp_path, 'hf_dataset = "hf_bytes"'))
+    assert item.video == data and item.name == "raw.mp4" and item.caption == "c"
+    assert set(item.identity) == {"name", "sha256"}
+    assert probe_video(item.video).num_frames == 9
+
+    with pytest.raises(ValueError, match="hf_split 'test' is not in .*; use one of train"):
+        list(iter_videos(load_one(tmp_path, 'hf_dataset = "hf_bytes"\nhf_split = "test"')))
+    with pytest.raises(ValueError, match="caption_column 'caption' is not a column of .*columns: clip, text"):
+        list(iter_videos(load_one(tmp_path, 'hf_dataset = "hf_paths"\nvideo_column = "clip"')))
+
+
+def test_webdataset_samples_carry_bytes_and_captions(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4").read_bytes()
+    with webdataset.TarWriter(str(tmp_path / "shard-000.tar")) as writer:
+        writer.write({"__key__": "s0", "mp4": clip, "txt": "first caption"})
+        writer.write({"__key__": "s1", "mp4": clip})
+    with webdataset.TarWriter(str(tmp_path / "shard-001.tar")) as writer:
+        writer.write({"__key__": "s2", "mp4": clip, "txt": "third"})
+    items = list(iter_videos(load_one(tmp_path, 'webdataset = "shard-{000..001}.tar"')))
+    assert [item.name for item in items] == ["shard-000.tar/s0", "shard-000.tar/s1", "shard-001.tar/s2"]
+    assert [item.caption for item in items] == ["first caption", None, "third"]
+    assert "sample shard-000.tar/s1 has no .txt member" in items[1].caption_error
+    assert all(item.video == clip and item.dataset == "shard" for item in items)
+    assert items[0].identity != items[2].identity  # same bytes, different sample
+
+    with webdataset.TarWriter(str(tmp_path / "frames.tar")) as writer:
+        writer.write({"__key__": "s0", "jpg": b"\xff\xd8", "txt": "x"})
+    with pytest.raises(ValueError, match=r"sample frames.tar/s0 has no .mp4 member \(it has: jpg, txt\)"):
+        list(iter_videos(load_one(tmp_path, 'webdataset = "frames.tar"')))
+
+
+def test_an_empty_source_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="dataset 'empty' holds no videos; check its video_directory"):
+        list(iter_videos(load_one(tmp_path, 'video_directory = "empty"')))

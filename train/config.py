@@ -1,0 +1,204 @@
+"""Options of `crepa train`, validated before any model loads, saved as JSON next to every checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields
+
+from crepa.schedule import CrepaScheduleConfig
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """One training run on a cache."""
+
+    cache: str = ""
+    """Cache directory/URL (Zarr) or a folder / brace pattern of webdataset shards."""
+    family: str = ""
+    """Model family: wan, ..."""
+    model: str = ""
+    """Diffusers pipeline folder or hub id; only its transformer/ is loaded."""
+    transformer: str | None = None
+    """Transformer folder or hub id, overriding <model>/transformer."""
+    output_dir: str = ""
+    """Where checkpoints, the LoRA, logs and plots go."""
+
+    # CREPA
+    crepa_enabled: bool = True
+    """Add the CREPA loss."""
+    crepa_block_index: int = 8
+    """0-based DiT block whose output is aligned."""
+    crepa_lambda: float = 0.5
+    """CREPA weight lambda."""
+    crepa_adjacent_distance: int = 1
+    """Neighbour distance d (0: frame-wise REPA)."""
+    crepa_adjacent_tau: float = 1.0
+    """Neighbour weight temperature: w = exp(-d / tau)."""
+    crepa_cumulative_neighbors: bool = False
+    """Align every distance 1..d instead of exactly d."""
+    crepa_normalize_by_frames: bool = True
+    """Divide each clip's score by its frame count."""
+    crepa_normalize_neighbour_sum: bool = False
+    """Divide each frame's score by 1 + the neighbour weights applied to it."""
+    crepa_spatial_align: bool = True
+    """Resample grids in 2-D to match (false: compare frame means)."""
+    crepa_use_backbone_features: bool = False
+    """Align to a deeper block of the same forward instead of cached encoder features."""
+    crepa_teacher_block_index: int | None = None
+    """That deeper block (backbone mode)."""
+    crepa_encoder: str | None = None
+    """Teacher set to use when the cache holds several (encoder name or set fingerprint)."""
+    crepa_projector: str = "linear"
+    """linear (LayerNorm + Linear) or mlp (REPA-style)."""
+    crepa_projector_lr: float | None = None
+    """Projector learning rate (default: learning_rate)."""
+    crepa_scheduler: str = "constant"
+    """Lambda schedule: constant, linear, cosine, polynomial."""
+    crepa_lambda_end: float = 0.0
+    """Lambda reached at crepa_decay_steps."""
+    crepa_decay_steps: int = 0
+    """Absolute step where the decay ends."""
+    crepa_power: float = 1.0
+    """Polynomial decay power."""
+    crepa_warmup_steps: int = 0
+    """Linear lambda warmup steps."""
+    crepa_cutoff_step: int = 0
+    """Lambda is 0 from this step on (0: never)."""
+    crepa_similarity_threshold: float | None = None
+    """Switch CREPA off when the EMA of the alignment score passes this."""
+    crepa_similarity_ema_decay: float = 0.99
+    """EMA decay for that threshold."""
+    crepa_threshold_mode: str = "permanent"
+    """permanent or recoverable."""
+
+    # LoRA / full
+    full: bool = False
+    """Full fine-tune instead of LoRA."""
+    lora_rank: int = 16
+    """LoRA rank."""
+    lora_alpha: float | None = None
+    """LoRA alpha (default: the rank)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: list[str] | None = None
+    """Module-name suffixes to wrap (default: the family's attention projections)."""
+    comfyui_export: bool = False
+    """Also write the LoRA in ComfyUI's key format."""
+
+    # optimisation
+    learning_rate: float = 1e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "constant"
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
+    lr_warmup_steps: int = 0
+    """Learning-rate warmup steps."""
+    optimizer: str = "adamw"
+    """adamw, adam or sgd."""
+    weight_decay: float = 1e-2
+    """Decoupled weight decay (AdamW)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0: off)."""
+    batch_size: int = 1
+    """Clips per process per micro-step (clips of one bucket)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    max_train_steps: int | None = None
+    """Optimizer steps; overrides num_train_epochs."""
+    num_train_epochs: int = 1
+    """Epochs when max_train_steps is unset."""
+    num_repeats: int = 1
+    """Times each clip appears per epoch (multiplies the dataset's own num_repeats)."""
+    mixed_precision: str = "no"
+    """no, bf16, fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    seed: int = 0
+    """Seed of data order, noise and timesteps."""
+    timestep_sampling: str = "logit_normal"
+    """uniform or logit_normal sigma density."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal density."""
+    logit_std: float = 1.0
+    """Std of the logit-normal density."""
+    flow_shift: float | None = None
+    """Sigma shift (default: the family's scheduler shift)."""
+    dataloader_num_workers: int = 2
+    """DataLoader worker processes."""
+
+    # checkpoints and logging
+    checkpointing_steps: int = 500
+    """Save a resumable checkpoint every N steps."""
+    checkpoints_total_limit: int | None = None
+    """Keep at most this many checkpoints."""
+    resume: str | None = None
+    """'latest' or a checkpoint folder to continue from."""
+    report_to: str = "tensorboard"
+    """tensorboard or none."""
+    log_every: int = 1
+    """Steps between logged points."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS), ("timestep_sampling", TIMESTEP_SAMPLING),
+            ("mixed_precision", MIXED_PRECISION), ("crepa_projector", ("linear", "mlp")),
+            ("report_to", ("tensorboard", "none")),
+        ]
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        for name in ("batch_size", "gradient_accumulation_steps", "num_repeats", "lora_rank", "checkpointing_steps",
+                     "num_train_epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
+        if self.crepa_use_backbone_features and self.crepa_teacher_block_index is None:
+            raise ValueError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
+        self.schedule_config()  # validates the lambda schedule options
+
+    def require_paths(self) -> None:
+        """The three locations every run needs, checked once options from all sources are merged."""
+        for name in ("cache", "family", "model", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{_flag(name)} is required (on the command line or in --config)")
+
+    def schedule_config(self) -> CrepaScheduleConfig:
+        return CrepaScheduleConfig(
+            weight=self.crepa_lambda, scheduler=self.crepa_scheduler, weight_end=self.crepa_lambda_end,
+            decay_steps=self.crepa_decay_steps, power=self.crepa_power, warmup_steps=self.crepa_warmup_steps,
+            cutoff_step=self.crepa_cutoff_step, similarity_threshold=self.crepa_similarity_threshold,
+            similarity_ema_decay=self.crepa_similarity_ema_decay, threshold_mode=self.crepa_threshold_mode,
+        )
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def read_config_file(path: str) -> dict:
+    """Options from a TOML or JSON file, checked against the known option names."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path} does not exist")
+    with open(path, "rb") as f:
+        data = json.load(f) if path.endswith(".json") else tomllib.load(f)
+    data = data.get("train", data)  # a TOML may keep options under [train]
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        import difflib
+
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u
+                 for u in unknown]
+        raise ValueError(f"{path}: unknown option(s) {', '.join(hints)}")
+    return data

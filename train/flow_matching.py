@@ -1,0 +1,29 @@
+"""Rectified-flow training targets, as the diffusers flow-matching schedulers define them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_sigmas(batch: int, scheme: str, shift: float, generator: torch.Generator, logit_mean: float = 0.0,
+                  logit_std: float = 1.0) -> torch.Tensor:
+    """(B,) noise levels in (0, 1): uniform or logit-normal, then the scheduler's shift.
+
+    shift s maps sigma to s*sigma / (1 + (s-1)*sigma), FlowMatchEulerDiscreteScheduler's static shift.
+    """
+    if scheme == "uniform":
+        sigmas = torch.rand(batch, generator=generator)
+    else:
+        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = (1 - sigma) x_0 + sigma * noise, and the velocity target noise - x_0."""
+    sigma = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+    return (1.0 - sigma) * latents + sigma * noise, noise - latents
+
+
+def timesteps_from_sigmas(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The timestep the denoiser is conditioned on: sigma on the scheduler's 0..1000 scale."""
+    return sigmas * num_train_timesteps

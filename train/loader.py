@@ -1,0 +1,119 @@
+"""What the trainer needs to know about its data, and the epoch-aware batch iterator."""
+
+from __future__ import annotations
+
+import functools
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from crepa.cache.wds import iter_webdataset
+from train.config import TrainConfig
+from train.data import BucketBatchSampler, WebDatasetClips, ZarrClips, collate, is_webdataset, shard_urls
+
+
+@dataclass
+class TrainData:
+    """Shapes the model must accept, and a way to iterate batches from any (epoch, position)."""
+
+    clips: list
+    incomplete: int
+    latent_channels: int
+    latent_frames: int
+    text_dim: int
+    text_length: int
+    teacher_dim: int | None
+    teacher_frames: int | None
+    batches_per_epoch: int
+    loader_for_epoch: object = field(repr=False)
+
+    def iterate(self, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict]]:
+        """(epoch, micro-batches consumed in it, batch) forever, starting after `consumed` in `epoch`."""
+        while True:
+            for batch in self.loader_for_epoch(epoch, consumed):
+                consumed += 1
+                yield epoch, consumed, batch
+            epoch, consumed = epoch + 1, 0
+
+
+def _loader_kwargs(cfg: TrainConfig) -> dict:
+    workers = cfg.dataloader_num_workers
+    return {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+            "prefetch_factor": 4 if workers else None, "persistent_workers": False}
+
+
+def build_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
+    if is_webdataset(cfg.cache):
+        return _webdataset_data(cfg, with_teacher, rank, world)
+    return _zarr_data(cfg, with_teacher, rank, world)
+
+
+def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
+    dataset = ZarrClips(cfg.cache, cfg.family, cfg.crepa_encoder, with_teacher)
+    view = dataset.view
+    if not dataset.clips:
+        raise ValueError(f"cache {cfg.cache} has no complete clip for this configuration "
+                         f"({len(view.incomplete)} incomplete); finish it with `crepa precompute`")
+    first_per_group = {}
+    for index, clip in enumerate(dataset.clips):
+        first_per_group.setdefault(clip.group, index)
+    samples = [dataset[i] for i in first_per_group.values()]
+    for sample in samples:  # every bucket's teacher must have the latents' frame count
+        if "teacher" in sample and sample["teacher"].shape[0] != sample["latents"].shape[1]:
+            raise ValueError(f"cache teacher has {sample['teacher'].shape[0]} frames but the latents have "
+                             f"{sample['latents'].shape[1]} in clip {sample['key']}; precompute it again")
+    sampler = BucketBatchSampler([c.group for c in dataset.clips],
+                                 [c.num_repeats * cfg.num_repeats for c in dataset.clips], cfg.batch_size, cfg.seed,
+                                 rank, world)
+    text_length = view.text.attrs["max_length"]
+    collate_fn = functools.partial(collate, text_length=text_length)
+
+    def loader_for_epoch(epoch: int, consumed: int):
+        sampler.set_epoch(epoch, consumed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(cfg))
+
+    sampler.set_epoch(0)
+    first = samples[0]
+    return TrainData(
+        clips=dataset.clips, incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
+        latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,
+        teacher_dim=first["teacher"].shape[-1] if "teacher" in first else None,
+        teacher_frames=first["teacher"].shape[0] if "teacher" in first else None,
+        batches_per_epoch=len(sampler), loader_for_epoch=loader_for_epoch,
+    )
+
+
+def _count_samples(urls: list[str]) -> int:
+    count = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            count += sum(1 for member in tar.getmembers() if member.name.endswith(".json"))
+    return count
+
+
+def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
+    urls = shard_urls(cfg.cache)
+    stream = WebDatasetClips(urls, cfg.batch_size, cfg.seed, with_teacher)
+    first = next(iter_webdataset(urls[:1]))  # shapes and text length from the first sample
+    meta, latents, text, teacher = first["json"], first["latents.npy"], first["text.npy"], first.get("teacher.npy")
+    if with_teacher and teacher is None:
+        raise ValueError(f"shards in {cfg.cache} carry no teacher features; export them with the teacher")
+    text_length = meta["text_max_length"]
+    collate_fn = functools.partial(collate, text_length=text_length)
+
+    def loader_for_epoch(epoch: int, consumed: int):
+        stream.set_epoch(epoch)
+        loader = DataLoader(stream, batch_size=None, collate_fn=collate_fn, **_loader_kwargs(cfg))
+        return (batch for index, batch in enumerate(loader) if index >= consumed)
+
+    total = _count_samples(urls) * cfg.num_repeats
+    return TrainData(
+        clips=urls, incomplete=0, latent_channels=latents.shape[0], latent_frames=latents.shape[1],
+        text_dim=text.shape[-1], text_length=text_length,
+        teacher_dim=teacher.shape[-1] if teacher is not None else None,
+        teacher_frames=teacher.shape[0] if teacher is not None else None,
+        batches_per_epoch=max(1, total // (cfg.batch_size * world)), loader_for_epoch=loader_for_epoch,
+    )

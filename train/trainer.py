@@ -1,0 +1,247 @@
+"""`run_train`: the transformer alone, trained from cached latents, text and teacher features."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from crepa.capture import BlockCapture
+from crepa.families import FamilyAdapter, get_family
+from crepa.families.loading import load_pretrained
+from crepa.loss import crepa_loss, crepa_scores
+from crepa.projector import CrepaProjector
+from crepa.schedule import CrepaWeightSchedule
+from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
+from train.config import TrainConfig
+from train.flow_matching import noisy_input, sample_sigmas, timesteps_from_sigmas
+from train.loader import TrainData, build_data
+from train.lora import add_lora, save_lora
+from train.metrics import MetricsLog, plot_curves
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    lora_path: str | None
+    projector_path: str | None
+    plot_path: str | None
+    data_wait_fraction: float
+
+
+@dataclass
+class StepParts:
+    """The models and settings one step needs."""
+
+    adapter: FamilyAdapter
+    transformer: nn.Module
+    projector: nn.Module | None
+    schedule: CrepaWeightSchedule
+    config: TrainConfig
+    shift: float
+    generator: torch.Generator
+
+
+def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics)."""
+    cfg = parts.config
+    latents = batch["latents"].to(device)  # (B, C, F, H, W)
+    noise = torch.randn(latents.shape, generator=parts.generator).to(device)
+    sigmas = sample_sigmas(latents.shape[0], cfg.timestep_sampling, parts.shift, parts.generator, cfg.logit_mean,
+                           cfg.logit_std).to(device)
+    noisy, target = noisy_input(latents, noise, sigmas)
+    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), batch["text"].to(device),
+                                              batch["text_mask"].to(device))
+    weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
+    measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
+    metrics = {"crepa_weight": weight}
+    if not measure:  # no hook, no projector, no scores: a zero weight costs nothing
+        prediction = parts.transformer(**kwargs)[0]
+        loss = flow = F.mse_loss(prediction.float(), target.float())
+        return loss, {**metrics, "loss_flow": flow.detach()}
+
+    teacher_block = cfg.crepa_teacher_block_index if cfg.crepa_use_backbone_features else None
+    with BlockCapture(parts.adapter, parts.transformer, cfg.crepa_block_index, teacher_block) as capture:
+        prediction = parts.transformer(**kwargs)[0]
+        student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
+        teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
+    flow = F.mse_loss(prediction.float(), target.float())
+    with torch.set_grad_enabled(weight > 0.0):
+        scores = crepa_scores(
+            parts.projector(student), teacher.float(), distance=cfg.crepa_adjacent_distance,
+            tau=cfg.crepa_adjacent_tau, cumulative=cfg.crepa_cumulative_neighbors,
+            normalize_by_frames=cfg.crepa_normalize_by_frames,
+            normalize_neighbour_sum=cfg.crepa_normalize_neighbour_sum, spatial_align=cfg.crepa_spatial_align,
+        )
+    alignment = crepa_loss(scores, weight) if weight > 0.0 else torch.zeros((), device=device)
+    return flow + alignment, {**metrics, "loss_flow": flow.detach(), "crepa_loss": alignment.detach(),
+                              "crepa_alignment_score": scores.alignment_score.detach(),
+                              "crepa_similarity_self": scores.similarity_self.detach()}
+
+
+def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: TrainData, cfg: TrainConfig) -> None:
+    """Everything about the cache that could fail mid-run is checked before step 0."""
+    model = adapter.unwrap(transformer)
+    channels = model.config.in_channels
+    if data.latent_channels != channels:
+        raise ValueError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
+                         f"takes {channels}: the cache was made with another VAE; precompute it with this model")
+    text_dim = adapter.text_embedding_dim(model)
+    if data.text_dim != text_dim:
+        raise ValueError(f"cache text embeddings are {data.text_dim}-wide but the transformer takes {text_dim}: "
+                         "the cache was made with another text encoder; precompute it with this model's")
+    if cfg.crepa_enabled:
+        adapter.check_block_index(model, cfg.crepa_block_index, "crepa_block_index")
+        if cfg.crepa_use_backbone_features:
+            adapter.check_block_index(model, cfg.crepa_teacher_block_index, "crepa_teacher_block_index")
+        elif data.teacher_frames is not None and data.teacher_frames != data.latent_frames:
+            raise ValueError(f"cache teacher has {data.teacher_frames} frames per clip but the latents have "
+                             f"{data.latent_frames}; it was made with another VAE's temporal compression")
+
+
+def _optimizer(cfg: TrainConfig, transformer: nn.Module, projector: nn.Module | None) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if projector is not None:
+        groups.append({"params": list(projector.parameters()), "lr": cfg.crepa_projector_lr or cfg.learning_rate})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    cfg.require_paths()
+    adapter = get_family(cfg.family)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    main = accelerator.is_main_process
+    with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
+    data = build_data(cfg, with_teacher, rank, world)
+
+    transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
+                                  torch_dtype=torch.float32)
+    check_compatibility(adapter, transformer, data, cfg)
+    if cfg.full:
+        transformer.requires_grad_(True)
+    else:
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
+                 cfg.lora_target_modules or list(adapter.default_lora_targets))
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    projector = None
+    if cfg.crepa_enabled:
+        hidden_dim = adapter.hidden_dim(transformer)
+        teacher_dim = hidden_dim if cfg.crepa_use_backbone_features else data.teacher_dim
+        projector = CrepaProjector(hidden_dim, teacher_dim, kind=cfg.crepa_projector)
+
+    steps_per_epoch = max(1, data.batches_per_epoch // cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_train_steps or steps_per_epoch * cfg.num_train_epochs
+    optimizer = _optimizer(cfg, transformer, projector)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    if projector is not None:
+        transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
+    else:
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    schedule = CrepaWeightSchedule(cfg.schedule_config())
+    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    parts = StepParts(adapter, transformer, projector, schedule, cfg, cfg.flow_shift or adapter.default_flow_shift,
+                      generator)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    step, epoch, consumed = 0, 0, 0
+    if cfg.resume:
+        folder = find_checkpoint(cfg.output_dir, cfg.resume)
+        state = load_checkpoint(folder, model=accelerator.unwrap_model(transformer),
+                                projector=accelerator.unwrap_model(projector) if projector else None,
+                                optimizer=optimizer, lr_scheduler=lr_scheduler, rank=rank, generator=generator)
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        schedule.load_state_dict(state["crepa_schedule"])
+    if main:
+        cfg.save(os.path.join(cfg.output_dir, "train_config.json"))
+        print(f"{len(data.clips)} clips ({data.incomplete} incomplete skipped), {world} process(es) x batch "
+              f"{cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} = "
+              f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
+              f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
+              f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params")
+    log = MetricsLog(cfg.output_dir, cfg.report_to, main)
+    batches = data.iterate(epoch, consumed)
+    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not main)
+    wait_total, wall_start = 0.0, time.perf_counter()
+    while step < max_steps:
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            fetch = time.perf_counter()
+            epoch, consumed, batch = next(batches)
+            wait_total += time.perf_counter() - fetch
+            sync = micro == cfg.gradient_accumulation_steps - 1
+            with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext(), accelerator.autocast():
+                loss, metrics = train_step(parts, batch, step, device)
+                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) / cfg.gradient_accumulation_steps
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if "crepa_alignment_score" in sums:
+            schedule.observe(float(accelerator.reduce(torch.tensor(sums["crepa_alignment_score"], device=device),
+                                                      "mean")))
+        step += 1
+        elapsed = time.perf_counter() - start
+        values = {**sums, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "step_time": elapsed,
+                  "samples_per_second": world * cfg.batch_size * cfg.gradient_accumulation_steps / elapsed}
+        if step % cfg.log_every == 0 or step == max_steps:
+            log.log(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", crepa=f"{values.get('crepa_alignment_score', 0):.3f}")
+        bar.update(1)
+        if step % cfg.checkpointing_steps == 0 and step < max_steps:
+            _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator,
+                        step, epoch, consumed)
+    bar.close()
+    log.close()
+    _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator, step, epoch,
+                consumed)
+    result = TrainResult(step, None, None, None, wait_total / max(time.perf_counter() - wall_start, 1e-9))
+    if main:
+        model = accelerator.unwrap_model(transformer)
+        if cfg.full:
+            model.save_pretrained(os.path.join(cfg.output_dir, "transformer"))
+        else:
+            result.lora_path = save_lora(adapter, model, cfg.output_dir, cfg.lora_rank,
+                                         cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export)
+        if projector is not None:
+            result.projector_path = save_projector(accelerator.unwrap_model(projector), cfg.output_dir)
+        if os.path.exists(log.path):
+            result.plot_path = plot_curves(log.path, os.path.join(cfg.output_dir, "training_curves.png"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator, step, epoch,
+                consumed) -> None:
+    folder = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    save_checkpoint(folder, model=accelerator.unwrap_model(transformer),
+                    projector=accelerator.unwrap_model(projector) if projector is not None else None,
+                    optimizer=optimizer, lr_scheduler=lr_scheduler, rank=accelerator.process_index,
+                    generator=generator,
+                    trainer_state={"step": step, "epoch": epoch, "consumed": consumed,
+                                   "crepa_schedule": schedule.state_dict()})
+    if accelerator.is_main_process:
+        prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from precompute.config import PrecomputeConfig
-from precompute.teacher import RESIZE_MODES, STORAGE_DTYPES, TEACHER_FRAMES, TEACHER_INPUTS, TeacherSettings
+from precompute.config import (
+    RESIZE_MODES,
+    STORAGE_DTYPES,
+    TEACHER_FRAMES,
+    TEACHER_INPUTS,
+    PrecomputeConfig,
+    TeacherSettings,
+)
 
 DTYPE_CHOICES = click.Choice(["auto", "float32", "bfloat16", "float16"])
 

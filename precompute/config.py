@@ -4,9 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from precompute.teacher import TeacherSettings
-
 LATENT_SAMPLING = ("mode", "sample")
+RESIZE_MODES = ("aspect", "square")
+TEACHER_FRAMES = ("stride", "mean")
+TEACHER_INPUTS = ("pixels", "reconstruction")
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class TeacherSettings:
+    """Everything that determines the stored teacher features (all part of the feature-set key)."""
+
+    encoder: str = "dinov2_vitg14"
+    """Short name (dinov2_vits14 ... dinov2_vitg14, *_reg), hub id or local folder."""
+    image_size: int = 518
+    """Square side, or the side of the equal-area image in `aspect` mode."""
+    resize: str = "aspect"
+    """aspect: keep the clip's aspect ratio, sides multiples of the patch size; square: image_size^2."""
+    frames: str = "stride"
+    """stride: the last pixel frame a latent frame covers; mean: average of its covered frames' features."""
+    input: str = "pixels"
+    """pixels: decoded source frames; reconstruction: the VAE's reconstruction of the latents."""
+    dtype: str = "float16"
+    """Storage dtype of the features."""
+    pool: int = 1
+    """Average-pool the patch grid by this factor at precompute (1 keeps it)."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("resize", RESIZE_MODES), ("frames", TEACHER_FRAMES), ("input", TEACHER_INPUTS),
+                              ("dtype", STORAGE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"teacher {name}={getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.image_size < 14:
+            raise ValueError(f"--encoder-image-size must be at least one patch (14), got {self.image_size}")
+        if self.pool < 1:
+            raise ValueError(f"--teacher-pool must be >= 1, got {self.pool}")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Decode clip segments to RGB arrays, inline or in worker processes with a per-clip timeout.
 
-Workers are spawned (not forked: the parent holds CUDA contexts and threads) and import only this module,
-PyAV, NumPy and PIL. A clip that hangs or crashes the decoder costs one worker, which is killed and replaced;
-the run goes on and the clip is reported as failed.
+Workers are spawned (not forked: the parent holds CUDA contexts and threads) and need only this module,
+PyAV, NumPy and PIL; spawn also re-imports the main script, so entry points should import heavy modules
+lazily. A clip that hangs or crashes the decoder costs one worker, which is killed and replaced; the run
+goes on and the clip is reported as failed.
 
 Resizing uses PIL (LANCZOS): it filters over the whole source footprint when shrinking (no aliasing on
 1080p -> 480p), it is what diffusers' video processor uses for PIL input, and it keeps torch out of the workers
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnContext
 
 import av
 import numpy as np
@@ -147,6 +149,7 @@ class DecodeResult:
 
     @property
     def ok(self) -> bool:
+        """True when `frames` holds the decoded clip."""
         return self.error is None
 
 
@@ -174,7 +177,7 @@ def _worker_main(conn: Connection) -> None:
 class _Worker:
     """One decode process, the parent's end of its pipe, and the task it is running."""
 
-    def __init__(self, context) -> None:
+    def __init__(self, context: SpawnContext) -> None:
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=_worker_main, args=(child_conn,), daemon=True, name="crepa-decode")
         self.process.start()
@@ -202,14 +205,17 @@ class _Worker:
             return f"the decode worker died from signal {signal.Signals(-code).name}; the clip may be corrupt"
         return f"the decode worker exited with code {code}"
 
+    def ask_to_exit(self) -> None:
+        """Tell an idle worker to leave its loop (it exits once it reads this)."""
+        try:
+            self.conn.send(None)
+        except OSError:  # already gone
+            pass
+
     def stop(self, kill: bool) -> None:
-        """End the process and reap it (no zombie): politely when idle, by SIGKILL otherwise."""
-        if not kill and self.process.is_alive():
-            try:
-                self.conn.send(None)
-                self.process.join(timeout=5.0)
-            except (BrokenPipeError, OSError):
-                pass
+        """Reap the process (no zombie): after `ask_to_exit` wait for it a little, else SIGKILL it now."""
+        if not kill:
+            self.process.join(timeout=5.0)
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
@@ -256,8 +262,11 @@ class DecodePool:
         """Stop the workers and reap them (idempotent)."""
         self._closed = True
         self._stop_manager()
+        idle = [worker for worker in self._workers if worker.task_id is None]
+        for worker in idle:
+            worker.ask_to_exit()  # all at once, so they wind down in parallel
         for worker in self._workers:
-            worker.stop(kill=worker.task_id is not None)
+            worker.stop(kill=worker not in idle)
         self._workers.clear()
 
     def _map_in_workers(self, tasks: Iterable[DecodeTask]) -> Iterator[DecodeResult]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -47,9 +46,8 @@ def dataset(tmp_path) -> str:
 @pytest.fixture(scope="session")
 def trained_cache(tmp_path_factory, tiny_models) -> str:
     """A finished cache of 3 clips (one bucket), shared read-only by training tests."""
-    from precompute.config import PrecomputeConfig
+    from precompute.config import PrecomputeConfig, TeacherSettings
     from precompute.pipeline import run_precompute
-    from precompute.teacher import TeacherSettings
 
     root = tmp_path_factory.mktemp("cache")
     config = PrecomputeConfig(dataset_config=write_dataset(root), family="wan", out=str(root / "cache"),
@@ -57,8 +55,3 @@ def trained_cache(tmp_path_factory, tiny_models) -> str:
                               teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56))
     run_precompute(config)
     return str(root / "cache")
-
-
-def copy_tree(source: str, target: Path) -> str:
-    shutil.copytree(source, target)
-    return str(target)

@@ -17,9 +17,9 @@ from conftest import write_dataset
 
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
-from precompute.config import PrecomputeConfig
+from precompute.config import PrecomputeConfig, TeacherSettings
 from precompute.pipeline import run_precompute
-from precompute.teacher import TeacherEncoder, TeacherSettings
+from precompute.teacher import TeacherEncoder
 
 
 def config_for(dataset: str, out: str, models: dict, **kw) -> PrecomputeConfig:

@@ -42,7 +42,7 @@ class TrainData:
 def _loader_kwargs(cfg: TrainConfig) -> dict:
     workers = cfg.dataloader_num_workers
     return {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
-            "prefetch_factor": 4 if workers else None, "persistent_workers": False}
+            "prefetch_factor": 4 if workers else None, "persistent_workers": workers > 0}
 
 
 def build_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
@@ -71,9 +71,13 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     text_length = view.text.attrs["max_length"]
     collate_fn = functools.partial(collate, text_length=text_length)
 
+    # One loader for the whole run: the batch sampler runs in this process, so persistent workers
+    # serve every epoch's order without being restarted.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(cfg))
+
     def loader_for_epoch(epoch: int, consumed: int):
         sampler.set_epoch(epoch, consumed)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(cfg))
+        return loader
 
     sampler.set_epoch(0)
     first = samples[0]
@@ -106,7 +110,8 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
 
     def loader_for_epoch(epoch: int, consumed: int):
         stream.set_epoch(epoch)
-        loader = DataLoader(stream, batch_size=None, collate_fn=collate_fn, **_loader_kwargs(cfg))
+        loader = DataLoader(stream, batch_size=None, collate_fn=collate_fn,
+                            **(_loader_kwargs(cfg) | {"persistent_workers": False}))
         return (batch for index, batch in enumerate(loader) if index >= consumed)
 
     total = _count_samples(urls) * cfg.num_repeats

@@ -119,6 +119,7 @@ def _optimizer(cfg: TrainConfig, transformer: nn.Module, projector: nn.Module | 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     cfg.require_paths()
@@ -126,6 +127,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    set_seed(cfg.seed)  # LoRA and projector initialisation
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
 

@@ -1,0 +1,183 @@
+"""Training end to end on a tiny cache: overfitting, LoRA reload, resume, errors, DDP, no encoders in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_dataset
+from safetensors.torch import load_file
+
+from precompute.config import PrecomputeConfig, TeacherSettings
+from precompute.pipeline import run_precompute
+from train.config import TrainConfig
+from train.data import BucketBatchSampler
+from train.trainer import run_train
+
+
+def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
+    options = dict(cache=cache, family="wan", model=models["wan"], output_dir=out, crepa_block_index=1,
+                   learning_rate=1e-3, max_train_steps=4, checkpointing_steps=100, dataloader_num_workers=0,
+                   report_to="none", lora_rank=4)
+    return TrainConfig(**(options | kw))
+
+
+@pytest.fixture(scope="module")
+def one_clip_cache(tmp_path_factory, tiny_models) -> str:
+    root = tmp_path_factory.mktemp("one")
+    out = str(root / "cache")
+    run_precompute(PrecomputeConfig(dataset_config=write_dataset(root, clips=1), family="wan", out=out,
+                                    model=tiny_models["wan"], device="cpu", decode_workers=0,
+                                    teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
+    return out
+
+
+def metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_overfit_one_clip_loss_falls_and_alignment_rises(tmp_path, one_clip_cache, tiny_models):
+    out = str(tmp_path / "run")
+    run_train(train_config(one_clip_cache, tiny_models, out, max_train_steps=40, learning_rate=1e-2, crepa_lambda=1.0,
+                           lora_rank=8, timestep_sampling="uniform", crepa_projector_lr=1e-2))
+    rows = metrics(out)
+    first, last = rows[:8], rows[-8:]
+
+    def mean(rows, name):
+        return sum(r[name] for r in rows) / len(rows)
+
+    assert mean(last, "loss") < mean(first, "loss")
+    assert mean(last, "crepa_alignment_score") > mean(first, "crepa_alignment_score") + 0.1
+    assert os.path.exists(os.path.join(out, "training_curves.png"))
+    for name in ("crepa_loss", "crepa_similarity_self", "crepa_weight", "lr", "grad_norm", "samples_per_second"):
+        assert name in rows[-1]
+
+
+def test_saved_lora_reloads_through_diffusers_and_reproduces_outputs(tmp_path, trained_cache, tiny_models):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from crepa.families import get_family
+    from train.lora import add_lora
+
+    out = str(tmp_path / "run")
+    run_train(train_config(trained_cache, tiny_models, out, comfyui_export=True, lora_alpha=8.0))
+
+    trained = WanTransformer3DModel.from_pretrained(tiny_models["wan"], subfolder="transformer").eval()
+    add_lora(trained, 4, 8.0, 0.0, list(get_family("wan").default_lora_targets))
+    state = load_file(os.path.join(out, "checkpoint-4", "trainable.safetensors"))
+    trained.load_state_dict(state, strict=False)
+
+    torch.manual_seed(3)
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 6, 8), timestep=torch.tensor([400.0]),
+                  encoder_hidden_states=torch.randn(1, 7, 16), return_dict=False)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        for weights in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
+            pipe = WanPipeline.from_pretrained(tiny_models["wan"])
+            pipe.load_lora_weights(out, weight_name=weights)
+            got = pipe.transformer.eval()(**inputs)[0]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        base = WanTransformer3DModel.from_pretrained(tiny_models["wan"], subfolder="transformer").eval()(**inputs)[0]
+    assert not torch.allclose(base, expected, atol=1e-4), "the LoRA should change the outputs"
+
+
+def test_resume_equals_uninterrupted(tmp_path, trained_cache, tiny_models):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_train(train_config(trained_cache, tiny_models, straight, max_train_steps=6))
+    run_train(train_config(trained_cache, tiny_models, interrupted, max_train_steps=4))
+    run_train(train_config(trained_cache, tiny_models, interrupted, max_train_steps=6, resume="latest"))
+    a = load_file(os.path.join(straight, "checkpoint-6", "trainable.safetensors"))
+    b = load_file(os.path.join(interrupted, "checkpoint-6", "trainable.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    pa = load_file(os.path.join(straight, "crepa_projector.safetensors"))
+    pb = load_file(os.path.join(interrupted, "crepa_projector.safetensors"))
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=1e-6)
+
+
+def test_mismatches_fail_before_the_first_step(tmp_path, trained_cache, tiny_models):
+    from crepa.families import get_family
+
+    with pytest.raises(ValueError, match=r"crepa_block_index=7 is out of range.*0\.\.2"):
+        run_train(train_config(trained_cache, tiny_models, str(tmp_path / "a"), crepa_block_index=7))
+    with pytest.raises(ValueError, match="no wan teacher features for encoder 'dinov2_vitl14'"):
+        run_train(train_config(trained_cache, tiny_models, str(tmp_path / "b"), crepa_encoder="dinov2_vitl14"))
+    with pytest.raises(ValueError, match="unsupported model family 'ltx'"):
+        run_train(train_config(trained_cache, tiny_models, str(tmp_path / "c"), family="ltx"))
+    adapter = get_family("wan")
+    wide = adapter.transformer_class()(**(adapter.tiny_transformer_config() | {"in_channels": 8}))
+    wide.save_pretrained(str(tmp_path / "wide"))
+    with pytest.raises(ValueError, match="cache latents have 4 channels but the wan transformer takes 8"):
+        run_train(train_config(trained_cache, tiny_models, str(tmp_path / "d"), transformer=str(tmp_path / "wide")))
+    assert not os.path.exists(tmp_path / "d" / "metrics.jsonl")
+
+
+def test_training_never_constructs_vae_or_encoders(tmp_path, trained_cache, tiny_models, monkeypatch):
+    import diffusers
+    import transformers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training must not build this model")
+
+    for cls in (diffusers.AutoencoderKLWan, transformers.UMT5EncoderModel, transformers.Dinov2Model,
+                transformers.Dinov2WithRegistersModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "__init__", forbidden)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+    result = run_train(train_config(trained_cache, tiny_models, str(tmp_path / "run"), max_train_steps=2))
+    assert result.steps == 2 and os.path.exists(result.lora_path)
+
+
+def test_backbone_mode_needs_no_teacher_set(tmp_path, trained_cache, tiny_models):
+    out = str(tmp_path / "run")
+    run_train(train_config(trained_cache, tiny_models, out, crepa_block_index=0, crepa_use_backbone_features=True,
+                           crepa_teacher_block_index=2, max_train_steps=2))
+    assert "crepa_alignment_score" in metrics(out)[-1]
+
+
+def test_streams_from_webdataset_shards(tmp_path, trained_cache, tiny_models):
+    from crepa.cache.export import export_view
+
+    shards = str(tmp_path / "shards")
+    export_view(trained_cache, shards, family="wan", maxcount=2)
+    result = run_train(train_config(shards, tiny_models, str(tmp_path / "run"), max_train_steps=3))
+    assert result.steps == 3
+
+
+def test_bucket_sampler_gives_ranks_disjoint_deterministic_batches():
+    groups = ["a"] * 5 + ["b"] * 6
+    ranks = [BucketBatchSampler(groups, [1] * 11, batch_size=2, seed=3, rank=r, world=2) for r in range(2)]
+    batches = [s.epoch_batches(0) for s in ranks]
+    flat = [i for rank in batches for batch in rank for i in batch]
+    assert len(flat) == len(set(flat)) and len(batches[0]) == len(batches[1])
+    for rank in batches:
+        for batch in rank:
+            assert len({groups[i] for i in batch}) == 1, "a batch never mixes buckets"
+    assert batches[0] == ranks[0].epoch_batches(0) and batches[0] != ranks[0].epoch_batches(1)
+    ranks[0].set_epoch(0, skip=1)
+    assert list(ranks[0]) == batches[0][1:]
+
+
+def test_two_process_training_and_config_rerun(tmp_path, trained_cache, tiny_models):
+    out = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "train", "--cache", trained_cache, "--family", "wan", "--model", tiny_models["wan"],
+               "--output-dir", out, "--crepa-block-index", "1", "--max-train-steps", "2", "--report-to", "none",
+               "--dataloader-num-workers", "0", "--lora-rank", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+    rerun = str(tmp_path / "rerun")
+    saved_config = os.path.join(out, "train_config.json")
+    done = subprocess.run([sys.executable, "-m", "crepa.cli", "train", "--config", saved_config, "--output-dir", rerun],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.load(open(os.path.join(rerun, "train_config.json")))
+    assert saved["output_dir"] == rerun and saved["max_train_steps"] == 2

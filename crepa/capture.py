@@ -11,8 +11,9 @@ from crepa.families.base import FamilyAdapter
 class BlockCapture:
     """Forward hooks that keep block outputs, reshaped to (B, F, hs, ws, D).
 
-    Use as a context manager around the transformer's forward; the hooks are removed on
-    exit even when the forward raises. The student block keeps its autograd graph; the
+    Use as a context manager around the transformer's forward and read `student` / `teacher`
+    inside it; on exit (even when the forward raises) the hooks are removed and the kept
+    outputs dropped. The student block keeps its autograd graph; the
     optional teacher block (backbone mode) is detached.
     """
 
@@ -56,6 +57,7 @@ class BlockCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._outputs.clear()  # the kept outputs would otherwise pin this step's graph
 
     def _grid(self, index: int, latent_shape: torch.Size) -> torch.Tensor:
         if index not in self._outputs:
@@ -72,7 +74,3 @@ class BlockCapture:
         if self.teacher_block_index is None:
             raise RuntimeError("no teacher block was requested; pass teacher_block_index")
         return self._grid(self.teacher_block_index, latent_shape).detach()
-
-    def clear(self) -> None:
-        """Drop the kept outputs so their graphs can be freed."""
-        self._outputs.clear()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from crepa.cache.store import CacheStore, FeatureSet
+from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
 from crepa.families.loading import load_config
@@ -31,7 +31,7 @@ from precompute.decode import DecodePool, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
 from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
-from precompute.teacher import TeacherEncoder
+from precompute.teacher import TeacherEncoder, teacher_grid
 
 log = logging.getLogger("crepa.precompute")
 
@@ -67,25 +67,22 @@ def _to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy().astype(dtype)
 
 
-def _estimate_bytes(clips: list[PlannedClip], adapter: FamilyAdapter, vae_config: dict, config: PrecomputeConfig,
-                    encoder_config: dict | None) -> dict[str, int]:
-    """Uncompressed bytes the missing entries will take, for --dry-run."""
-    temporal, spatial = adapter.vae_compression(vae_config)
+def _estimate_bytes(clips: list[PlannedClip], todo: dict[str, set[str]], adapter: FamilyAdapter, vae_config: dict,
+                    config: PrecomputeConfig, encoder_config: dict | None) -> dict[str, int]:
+    """Uncompressed bytes the missing latents and teacher entries will take, for --dry-run."""
+    _, spatial = adapter.vae_compression(vae_config)
     channels = vae_config.get("z_dim", vae_config.get("latent_channels", 16))
-    latent_bytes = 4 if config.latents_dtype == "float32" else 2
     estimate = {"latents": 0, "teacher": 0}
     for clip in clips:
         frames = adapter.latent_frames(clip.frames, vae_config)
-        estimate["latents"] += channels * frames * (clip.height // spatial) * (clip.width // spatial) * latent_bytes
-        if encoder_config is not None:
-            from precompute.teacher import encoder_input_size
-
-            patch = encoder_config["patch_size"]
-            h, w = encoder_input_size(clip.height, clip.width, config.teacher.image_size, config.teacher.resize, patch)
-            pool = config.teacher.pool
-            tokens = -(-(h // patch) // pool) * -(-(w // patch) // pool) + 1
-            estimate["teacher"] += frames * tokens * encoder_config["hidden_size"] * (
-                2 if config.teacher.dtype == "float16" else 4)
+        if clip.key in todo["latents"]:
+            estimate["latents"] += channels * frames * (clip.height // spatial) * (clip.width // spatial) * \
+                np.dtype(config.latents_dtype).itemsize
+        if clip.key in todo["teacher"]:
+            height, width = teacher_grid(clip.height, clip.width, config.teacher, encoder_config["patch_size"])
+            tokens = height * width + 1  # patch grid and CLS
+            estimate["teacher"] += frames * tokens * encoder_config["hidden_size"] * \
+                np.dtype(config.teacher.dtype).itemsize
     return estimate
 
 
@@ -130,22 +127,17 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     summary.reused = {"latents": len(mine) - len(todo["latents"]), "text": len(my_captions) - len(todo["text"]),
                       "teacher": 0 if sets.teacher is None else len(mine) - len(todo["teacher"])}
     video_clips = [clip for clip in mine if clip.key in todo["latents"] or clip.key in todo["teacher"]]
-    summary.estimated_bytes = _estimate_bytes(
-        [c for c in mine if c.key in todo["latents"]], adapter, vae_config, config, None
-    ) | {"teacher": _estimate_bytes([c for c in mine if c.key in todo["teacher"]], adapter, vae_config, config,
-                                     encoder_config)["teacher"]}
     if config.dry_run:
+        summary.estimated_bytes = _estimate_bytes(mine, todo, adapter, vae_config, config, encoder_config)
         summary.wall_seconds = time.perf_counter() - start
         return summary
 
     timer = Timer()
-    segment_bytes = config.max_segment_mb * 2**20
     if todo["text"]:
         _text_stage(adapter, config, device, store, sets.text, {k: my_captions[k] for k in sorted(todo["text"])},
-                    max_length, timer, segment_bytes)
+                    max_length, timer)
     if video_clips:
-        skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, todo, vae_config, timer,
-                                         segment_bytes)
+        skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, todo, vae_config, timer)
         summary.skipped += skipped
         summary.computed.update(computed)
     summary.forward_seconds = timer.seconds
@@ -193,14 +185,18 @@ def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], 
             "text": todo(sets.text, set(captions))}
 
 
+def _writer(store: CacheStore, feature_set: FeatureSet, config: PrecomputeConfig, **options) -> SegmentWriter:
+    """A segment writer bounded by the run's segment size and clip count."""
+    return store.writer(feature_set, max_segment_bytes=config.max_segment_mb * 2**20,
+                        max_segment_entries=config.segment_clips, **options)
+
+
 def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
-                text_set: FeatureSet, captions: dict[str, str], max_length: int, timer: Timer,
-                segment_bytes: int) -> None:
+                text_set: FeatureSet, captions: dict[str, str], max_length: int, timer: Timer) -> None:
     """Unique captions -> (L, D) embeddings; the text encoder is freed before the video stage."""
     tokenizer, encoder = load_text_encoder(adapter, config, device)
     items = list(captions.items())
-    with store.writer(text_set, ragged=("embeds",), max_segment_bytes=segment_bytes,
-                        max_segment_entries=config.segment_clips) as writer, \
+    with _writer(store, text_set, config, ragged=("embeds",)) as writer, \
             tqdm(total=len(items), desc="text", unit="caption") as bar:
         for begin in range(0, len(items), config.text_batch_size):
             batch = items[begin: begin + config.text_batch_size]
@@ -216,7 +212,7 @@ def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.
 
 def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
                  sets: RunFeatureSets, clips: list[PlannedClip], todo: dict[str, set[str]], vae_config: dict,
-                 timer: Timer, segment_bytes: int) -> tuple[list[Skipped], dict[str, int]]:
+                 timer: Timer) -> tuple[list[Skipped], dict[str, int]]:
     """Decoded clips -> latents and teacher features; decoding runs ahead in worker processes.
 
     Returns the clips that could not be decoded and how many entries of each kind were written.
@@ -233,10 +229,9 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
                         crop=c.crop) for i, c in by_id.items()]
     skipped: list[Skipped] = []
     computed = {"latents": 0, "teacher": 0}
-    latents_writer = store.writer(sets.latents, max_segment_bytes=segment_bytes,
-                        max_segment_entries=config.segment_clips)
-    teacher_writer = store.writer(sets.teacher, max_segment_bytes=segment_bytes,
-                        max_segment_entries=config.segment_clips) if teacher else None
+    latents_writer = _writer(store, sets.latents, config)
+    teacher_writer = _writer(store, sets.teacher, config) if teacher else None
+    reconstruct = config.teacher.input == "reconstruction"
     with DecodePool(config.decode_workers, config.decode_timeout) as pool, \
             tqdm(total=len(tasks), desc="clips", unit="clip") as bar:
         for result in pool.map(tasks):
@@ -249,9 +244,10 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
                 bar.set_postfix(skipped=len(skipped))
                 continue
             frames = torch.from_numpy(result.frames)  # (F, H, W, 3) uint8
-            pixels = frames.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)  # (1, 3, F, H, W)
+            wants_teacher = teacher_writer is not None and clip.key in todo["teacher"]
             latents = None
-            if vae is not None:
+            if clip.key in todo["latents"] or (wants_teacher and reconstruct):
+                pixels = frames.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)  # (1, 3, F, H, W)
                 generator = None
                 if config.latent_sampling == "sample":
                     generator = torch.Generator(device).manual_seed(_clip_seed(config.seed, clip.key))
@@ -263,14 +259,15 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
                 latents_writer.add(clip.key, clip.group, {"latents": _to_numpy(latents[0], config.latents_dtype)},
                                    meta)
                 computed["latents"] += 1
-            if teacher_writer is not None and clip.key in todo["teacher"]:
-                if config.teacher.input == "reconstruction":
+            if wants_teacher:
+                if reconstruct:
                     with torch.no_grad(), resident(vae, device, config.offload), timer("vae_decode", device):
-                        teacher_pixels = adapter.decode_latents(vae, latents)[0].transpose(0, 1)  # (F, 3, H, W)
+                        decoded = adapter.decode_latents(vae, latents)[0].transpose(0, 1)  # (F, 3, H, W) in [-1, 1]
+                    teacher_pixels = (decoded.float() + 1.0) / 2.0
                 else:
-                    teacher_pixels = pixels[0].transpose(0, 1)
+                    teacher_pixels = frames.permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W) in [0, 1]
                 with resident(teacher.model, device, config.offload), timer("encoder", device):
-                    patch, cls = teacher.latent_features((teacher_pixels.float() + 1.0) / 2.0, temporal)
+                    patch, cls = teacher.latent_features(teacher_pixels, temporal)
                 teacher_writer.add(clip.key, clip.group, {"patch": _to_numpy(patch, config.teacher.dtype),
                                                           "cls": _to_numpy(cls, config.teacher.dtype)}, meta)
                 computed["teacher"] += 1

@@ -28,6 +28,12 @@ def encoder_input_size(height: int, width: int, image_size: int, resize: str, pa
     return (max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch))
 
 
+def teacher_grid(height: int, width: int, settings: TeacherSettings, patch: int) -> tuple[int, int]:
+    """Stored (ht, wt) for clips of this pixel size, after pooling."""
+    h, w = encoder_input_size(height, width, settings.image_size, settings.resize, patch)
+    return math.ceil(h // patch / settings.pool), math.ceil(w // patch / settings.pool)
+
+
 class TeacherEncoder:
     """A frozen DINOv2 that turns clip frames into per-latent-frame patch and CLS features."""
 
@@ -48,12 +54,6 @@ class TeacherEncoder:
         self.dim = config.hidden_size
         self.prefix_tokens = 1 + getattr(config, "num_register_tokens", 0)  # CLS, then registers
         self.dtype = dtype
-
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        """Stored (ht, wt) for clips of this pixel size, after pooling."""
-        h, w = encoder_input_size(height, width, self.settings.image_size, self.settings.resize, self.patch)
-        pool = self.settings.pool
-        return math.ceil(h // self.patch / pool), math.ceil(w // self.patch / pool)
 
     @torch.no_grad()
     def frame_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

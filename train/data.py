@@ -103,8 +103,11 @@ class WebDatasetClips(IterableDataset):
     def __init__(self, urls: list[str], batch_size: int, seed: int, with_teacher: bool, buffer: int = 64):
         if not urls:
             raise ValueError("no webdataset shards found; export them with `crepa cache export --format wds`")
-        self.urls, self.batch_size, self.seed, self.with_teacher, self.buffer = urls, batch_size, seed, with_teacher, \
-            buffer
+        self.urls = urls
+        self.batch_size = batch_size
+        self.seed = seed
+        self.with_teacher = with_teacher
+        self.buffer = buffer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -11,10 +11,11 @@ def sample_sigmas(batch: int, scheme: str, shift: float, generator: torch.Genera
 
     shift s maps sigma to s*sigma / (1 + (s-1)*sigma), FlowMatchEulerDiscreteScheduler's static shift.
     """
+    device = generator.device
     if scheme == "uniform":
-        sigmas = torch.rand(batch, generator=generator)
+        sigmas = torch.rand(batch, generator=generator, device=device)
     else:
-        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator))
+        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=device))
     return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
 
 

@@ -57,14 +57,6 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     if not dataset.clips:
         raise ValueError(f"cache {cfg.cache} has no complete clip for this configuration "
                          f"({len(view.incomplete)} incomplete); finish it with `crepa precompute`")
-    first_per_group = {}
-    for index, clip in enumerate(dataset.clips):
-        first_per_group.setdefault(clip.group, index)
-    samples = [dataset[i] for i in first_per_group.values()]
-    for sample in samples:  # every bucket's teacher must have the latents' frame count
-        if "teacher" in sample and sample["teacher"].shape[0] != sample["latents"].shape[1]:
-            raise ValueError(f"cache teacher has {sample['teacher'].shape[0]} frames but the latents have "
-                             f"{sample['latents'].shape[1]} in clip {sample['key']}; precompute it again")
     sampler = BucketBatchSampler([c.group for c in dataset.clips],
                                  [c.num_repeats * cfg.num_repeats for c in dataset.clips], cfg.batch_size, cfg.seed,
                                  rank, world)
@@ -80,7 +72,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
         return loader
 
     sampler.set_epoch(0)
-    first = samples[0]
+    first = dataset[0]  # shapes the model must accept; check_compatibility compares them before step 0
     return TrainData(
         clips=dataset.clips, incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
         latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,

@@ -53,9 +53,10 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics)."""
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
-    noise = torch.randn(latents.shape, generator=parts.generator).to(device)
+    # noise and sigmas come from the run's own generator on the device: reproducible, no host copies
+    noise = torch.randn(latents.shape, generator=parts.generator, device=device)
     sigmas = sample_sigmas(latents.shape[0], cfg.timestep_sampling, parts.shift, parts.generator, cfg.logit_mean,
-                           cfg.logit_std).to(device)
+                           cfg.logit_std)
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), batch["text"].to(device),
                                               batch["text_mask"].to(device))
@@ -158,7 +159,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     else:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    generator = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
     parts = StepParts(adapter, transformer, projector, schedule, cfg, cfg.flow_shift or adapter.default_flow_shift,
                       generator)
 
@@ -182,9 +183,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     batches = data.iterate(epoch, consumed)
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not main)
     wait_total, wall_start = 0.0, time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     while step < max_steps:
         start = time.perf_counter()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             fetch = time.perf_counter()
             epoch, consumed, batch = next(batches)
@@ -193,21 +195,22 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext(), accelerator.autocast():
                 loss, metrics = train_step(parts, batch, step, device)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) / cfg.gradient_accumulation_steps
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+            for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here
+                sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=device) / \
+                    cfg.gradient_accumulation_steps
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm):  # the step's one host sync before stepping
             optimizer.step()
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if "crepa_alignment_score" in sums:
-            schedule.observe(float(accelerator.reduce(torch.tensor(sums["crepa_alignment_score"], device=device),
-                                                      "mean")))
+        if "crepa_alignment_score" in sums and cfg.crepa_similarity_threshold is not None:
+            schedule.observe(float(accelerator.reduce(sums["crepa_alignment_score"], "mean")))
         step += 1
+        sums["grad_norm"] = grad_norm.float()
+        values = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))  # one copy to the host
         elapsed = time.perf_counter() - start
-        values = {**sums, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "step_time": elapsed,
-                  "samples_per_second": world * cfg.batch_size * cfg.gradient_accumulation_steps / elapsed}
+        values |= {"lr": lr_scheduler.get_last_lr()[0], "step_time": elapsed,
+                   "samples_per_second": world * cfg.batch_size * cfg.gradient_accumulation_steps / elapsed}
         if step % cfg.log_every == 0 or step == max_steps:
             log.log(step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", crepa=f"{values.get('crepa_alignment_score', 0):.3f}")

@@ -73,4 +73,5 @@ def run_demo(workdir: str, family: str = "wan") -> None:
     click.echo(f"LoRA (diffusers format): {result.lora_path}")
     click.echo(f"CREPA projector: {result.projector_path}")
     click.echo(f"training curves: {result.plot_path}")
-    click.echo(f"the loader kept the trainer waiting {100 * result.data_wait_fraction:.1f}% of the time")
+    click.echo(f"after the first batch, the trainer waited on the loader {100 * result.data_wait_fraction:.1f}% "
+               "of the time")

@@ -34,6 +34,7 @@ class TrainResult:
     projector_path: str | None
     plot_path: str | None
     data_wait_fraction: float
+    """Share of the steady-state wall time spent waiting for batches (after the first, which starts workers)."""
 
 
 @dataclass
@@ -182,7 +183,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     log = MetricsLog(cfg.output_dir, cfg.report_to, main)
     batches = data.iterate(epoch, consumed)
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not main)
-    wait_total, wall_start = 0.0, time.perf_counter()
+    wait_total, wall_start = 0.0, None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     while step < max_steps:
         start = time.perf_counter()
@@ -190,7 +191,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         for micro in range(cfg.gradient_accumulation_steps):
             fetch = time.perf_counter()
             epoch, consumed, batch = next(batches)
-            wait_total += time.perf_counter() - fetch
+            if wall_start is None:  # the first batch pays for worker start-up; measure from here on
+                wall_start = time.perf_counter()
+            else:
+                wait_total += time.perf_counter() - fetch
             sync = micro == cfg.gradient_accumulation_steps - 1
             with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext(), accelerator.autocast():
                 loss, metrics = train_step(parts, batch, step, device)
@@ -222,7 +226,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     log.close()
     _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator, step, epoch,
                 consumed)
-    result = TrainResult(step, None, None, None, wait_total / max(time.perf_counter() - wall_start, 1e-9))
+    steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
+    result = TrainResult(step, None, None, None, wait_total / steady if steady > 0 else 0.0)
     if main:
         model = accelerator.unwrap_model(transformer)
         if cfg.full:

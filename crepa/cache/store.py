@@ -267,14 +267,16 @@ class CacheStore:
             "checksums": dict(record["checksums"]),
         }
 
-    def read(self, fset: FeatureSet, key: str) -> dict[str, np.ndarray]:
-        """Every array of a committed entry; a ragged array comes back as this entry's slice only."""
+    def read(self, fset: FeatureSet, key: str, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The arrays `names` (default: all) of a committed entry; a ragged one comes back as this entry's slice."""
         record = self._record(fset, key)
         segment = self._index(fset).segments[record["segment"]]
         prefix = f"{fset.path}/{record['group']}/{record['segment']}"
         row = record["row"]
         out = {}
         for name, spec in segment["arrays"].items():
+            if names is not None and name not in names:
+                continue
             array = self._array(f"{prefix}/{name}")
             if spec["ragged"]:
                 offsets = self._offsets.get(array.path)

@@ -96,9 +96,9 @@ class CacheView:
         """{'key', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}."""
         sample: dict[str, np.ndarray | str] = {
             "key": clip.key,
-            "latents": self.store.read(self.latents, clip.key)["latents"],
-            "text": self.store.read(self.text, clip.text_key)["embeds"],
+            "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
+            "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
         }
-        if self.teacher is not None:
-            sample["teacher"] = self.store.read(self.teacher, clip.key)["patch"]
+        if self.teacher is not None:  # the CLS token is not part of the training view
+            sample["teacher"] = self.store.read(self.teacher, clip.key, ["patch"])["patch"]
         return sample

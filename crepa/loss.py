@@ -6,6 +6,7 @@ reused unchanged by the trainer and the benchmarks.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,18 +38,36 @@ def neighbour_offsets(distance: int, num_frames: int, cumulative: bool) -> list[
     return list(range(1, clamped + 1)) if cumulative else [clamped]
 
 
+@functools.lru_cache(maxsize=64)
+def _resample_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D bilinear resampling with antialiasing, align_corners=False.
+
+    Read off `F.interpolate` applied to the unit vectors, so the weights are exactly PyTorch's. The
+    basis images are two pixels wide: PyTorch's CPU antialias kernel returns a constant for inputs
+    one pixel wide.
+    """
+    basis = torch.eye(size_in, dtype=torch.float64).view(size_in, 1, size_in, 1).expand(size_in, 1, size_in, 2)
+    resampled = F.interpolate(basis, size=(size_out, 2), mode="bilinear", align_corners=False, antialias=True)
+    return resampled[:, 0, :, 0].T.contiguous()
+
+
 def resample_grid(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resample (B, F, h, w, D) to (B, F, size[0], size[1], D) in 2-D.
 
     Bilinear with antialiasing so a downsampled grid averages its footprint instead of
-    aliasing; the spatial layout is preserved because we never flatten the raster.
+    aliasing; the spatial layout is preserved because we never flatten the raster. The filter is
+    separable, so it runs as two matrix products over the channel-last grid: several times faster
+    than `F.interpolate` on channel-first copies, forward and backward.
     """
     b, f, h, w, d = tokens.shape
-    if (h, w) == tuple(size):
+    height, width = size
+    if (h, w) == (height, width):
         return tokens
-    grid = tokens.reshape(b * f, h, w, d).permute(0, 3, 1, 2)  # (B*F, D, h, w)
-    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return grid.permute(0, 2, 3, 1).reshape(b, f, size[0], size[1], d)
+    rows = _resample_matrix(h, height).to(tokens.device, tokens.dtype)  # (height, h)
+    cols = _resample_matrix(w, width).to(tokens.device, tokens.dtype)  # (width, w)
+    grid = torch.matmul(cols, tokens.reshape(b * f * h, w, d))  # (B*F*h, width, D)
+    grid = torch.matmul(rows, grid.reshape(b * f, h, width * d))  # (B*F, height, width*D)
+    return grid.reshape(b, f, height, width, d)
 
 
 def align_grids(
@@ -72,9 +91,20 @@ def align_grids(
     return student.flatten(2, 3), teacher.flatten(2, 3)
 
 
-def _mean_token_similarity(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, F', N, D) x (B, F', N, D) -> (B, F'): mean over tokens of the dot product."""
-    return torch.einsum("bfnd,bfnd->bf", p, y) / p.shape[2]
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    """`F.normalize(x, dim=-1)` as a product with the reciprocal norm: one broadcast multiply instead
+    of a division by an expanded tensor, which makes the backward pass about a third cheaper."""
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+
+
+def _frame_similarity(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(F', B, N*D) x (F', B, N*D) -> (F', B): per frame, the sum over tokens of the dot products.
+
+    One batched (1 x K) @ (K x 1) product over contiguous frame slices: no temporaries of the
+    features' size and no layout copies, forward or backward.
+    """
+    frames, batch, size = p.shape
+    return torch.bmm(p.reshape(frames * batch, 1, size), y.reshape(frames * batch, size, 1)).view(frames, batch)
 
 
 def crepa_scores(
@@ -111,19 +141,20 @@ def crepa_scores(
 
     teacher = teacher.detach().to(student.dtype)
     p, y = align_grids(student, teacher, spatial_align)
-    p = F.normalize(p, dim=-1)
-    y = F.normalize(y, dim=-1)
-    num_frames = p.shape[1]
+    tokens, num_frames = p.shape[2], p.shape[1]
+    # (B, F, N, D) -> (F, B, N*D): slicing frames then yields contiguous blocks (a no-op copy when B = 1)
+    p = _normalize(p).flatten(2).transpose(0, 1).contiguous()
+    y = _normalize(y).flatten(2).transpose(0, 1).contiguous()
 
-    self_sim = _mean_token_similarity(p, y)  # (B, F)
+    self_sim = _frame_similarity(p, y).T / tokens  # (B, F)
     scores = self_sim
     applied_weight = torch.zeros(num_frames, dtype=p.dtype, device=p.device)
     for offset in neighbour_offsets(distance, num_frames, cumulative):
         weight = math.exp(-offset / tau)
         # Frame f looks forward at f+o (valid for f < F-o) and backward at f-o (f >= o);
         # the missing neighbours at the edges contribute nothing (zero padding).
-        forward = _mean_token_similarity(p[:, :-offset], y[:, offset:])  # (B, F-o)
-        backward = _mean_token_similarity(p[:, offset:], y[:, :-offset])  # (B, F-o)
+        forward = _frame_similarity(p[:-offset], y[offset:]).T / tokens  # (B, F-o)
+        backward = _frame_similarity(p[offset:], y[:-offset]).T / tokens  # (B, F-o)
         scores = scores + weight * (F.pad(forward, (0, offset)) + F.pad(backward, (offset, 0)))
         applied_weight[:-offset] += weight
         applied_weight[offset:] += weight

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crepa.loss import crepa_loss, crepa_scores
+from crepa.loss import crepa_loss, crepa_scores, resample_grid
 
 W1 = math.exp(-1.0)
 W2 = math.exp(-2.0)
@@ -177,3 +177,13 @@ def test_rejects_mismatched_shapes():
         crepa_scores(torch.randn(1, 3, 2, 2, 4), torch.randn(1, 4, 2, 2, 4))
     with pytest.raises(ValueError, match="tau"):
         crepa_scores(torch.randn(1, 3, 2, 2, 4), torch.randn(1, 3, 2, 2, 4), tau=0.0)
+
+
+@pytest.mark.parametrize("size_in, size_out", [((30, 52), (37, 37)), ((8, 8), (4, 4)), ((3, 5), (6, 2)),
+                                               ((4, 4), (4, 7))])
+def test_resample_grid_matches_antialiased_bilinear_interpolation(size_in, size_out):
+    tokens = torch.randn(2, 3, *size_in, 5, dtype=torch.float64)
+    channel_first = tokens.reshape(6, *size_in, 5).permute(0, 3, 1, 2)
+    want = F.interpolate(channel_first, size=size_out, mode="bilinear", align_corners=False, antialias=True)
+    got = resample_grid(tokens, size_out)
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1).reshape(2, 3, *size_out, 5))

@@ -1,0 +1,120 @@
+"""What every benchmark shares: the machine it ran on, side-by-side timing, and the results file.
+
+Ratios are only meaningful when the variants ran in the same process, interleaved, so that
+thermal state, page cache and other load hit them alike; `time_alternating` does that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "zarr", "numcodecs", "webdataset",
+            "safetensors", "numpy")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line naming the CPU, the cores this process may use, the memory and the GPU (or its absence)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu_model()}, {cores} cores, {memory:.0f} GiB RAM, {gpu}"
+
+
+def versions() -> str:
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"Python {platform.python_version()}, " + ", ".join(found)
+
+
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                     device: torch.device | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each variant, measured in interleaved rounds.
+
+    Each round runs every variant once, starting from a different one each round, so no variant
+    always follows the same neighbour (caches, allocator state, frequency boosts).
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            variants[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    """Median with the min-max range, for printing."""
+    return f"{median(values):.4g} [{min(values):.4g}, {max(values):.4g}]"
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS.name}")
+    return parser
+
+
+def record(title: str, body: str, enabled: bool = True) -> None:
+    """Print the result and append it to RESULTS.md as a dated entry with machine, command and versions."""
+    command = "python -m " + Path(sys.argv[0]).with_suffix("").name
+    if Path(sys.argv[0]).parent.name == "bench":
+        command = "python -m bench." + Path(sys.argv[0]).with_suffix("").name
+    command += "".join(" " + shlex.quote(arg) for arg in sys.argv[1:])
+    entry = (f"\n## {dt.date.today().isoformat()} · {title}\n\n"
+             f"- Machine: {machine()}\n- Command: `{command}`\n- Versions: {versions()}\n\n{body.strip()}\n")
+    print(entry)
+    if enabled:
+        if not RESULTS.exists():
+            RESULTS.write_text("# Benchmark results\n\nEntries are appended by the scripts in `bench/`; "
+                               "the newest entry of each benchmark is at the bottom.\n")
+        with RESULTS.open("a") as handle:
+            handle.write(entry)

@@ -1,0 +1,69 @@
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+
+Timing does not depend on weight values, so these stand in for the released checkpoints.
+`layers` scales depth down for machines that cannot hold or run the full models; widths,
+heads and patch sizes always stay the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+"""diffusers' transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
+
+DINOV2 = {
+    "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "dinov2_vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "dinov2_vitl14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "dinov2_vitg14": dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True),
+}
+"""facebook/dinov2-{small,base,large,giant}: patch 14, mlp_ratio 4, trained at 518 px."""
+
+UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, pad_token_id=0,
+                eos_token_id=1, decoder_start_token_id=0, vocab_size=256384)
+"""The encoder of google/umt5-xxl, Wan's text encoder."""
+
+
+def wan_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32):
+    from diffusers import WanTransformer3DModel
+
+    config = WAN_1_3B | ({"num_layers": layers} if layers else {})
+    model = WanTransformer3DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def wan_vae(dtype: torch.dtype = torch.float32):
+    """AutoencoderKLWan's defaults are the Wan 2.1 VAE (base 96, z 16, mults 1-2-4-4, latent mean/std)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan().to(dtype).eval().requires_grad_(False)
+
+
+def dinov2(name: str = "dinov2_vitg14", layers: int | None = None):
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = DINOV2[name] | ({"num_hidden_layers": layers} if layers else {})
+    return Dinov2Model(Dinov2Config(patch_size=14, image_size=518, mlp_ratio=4, **config)).eval()
+
+
+def save_dinov2(folder: str, name: str = "dinov2_vitg14", layers: int | None = None) -> str:
+    """Write a random-weight DINOv2 with save_pretrained, so it loads through the product's own loader."""
+    torch.manual_seed(0)
+    os.makedirs(folder, exist_ok=True)
+    dinov2(name, layers).save_pretrained(folder)
+    return folder
+
+
+def umt5_encoder(layers: int | None = None, vocab_size: int | None = None):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5_XXL | ({"num_layers": layers} if layers else {}) | ({"vocab_size": vocab_size} if vocab_size else {})
+    return UMT5EncoderModel(UMT5Config(**config)).eval()

@@ -14,6 +14,7 @@ and resizing are one resampling pass with sub-pixel placement.
 from __future__ import annotations
 
 import io
+import itertools
 import queue
 import signal
 import threading
@@ -226,8 +227,9 @@ class _Worker:
 class DecodePool:
     """Decode tasks in `num_workers` processes, each task limited to `timeout_s`; 0 workers decodes inline.
 
-    Use as a context manager. `map` keeps at most 2*num_workers tasks in flight (running, queued, or
-    finished but not yet consumed), so the workers keep decoding while the caller is busy with a result.
+    Use as a context manager. `map` starts decoding at once (before its first result is asked for, so
+    decoding can run behind model loading) and keeps at most 2*num_workers tasks in flight (running, queued,
+    or finished but not yet consumed), so the workers keep decoding while the caller is busy with a result.
     """
 
     def __init__(self, num_workers: int, timeout_s: float = 60.0) -> None:
@@ -280,25 +282,29 @@ class DecodePool:
             target=self._serve, args=(inbox, outbox, self._wake[0]), name="crepa-decode-manager", daemon=True
         )
         self._manager.start()
+        pending = iter(tasks)
+        in_flight = self._submit(pending, inbox, 2 * self.num_workers)  # decoding starts before the first next()
+        return self._results(pending, inbox, outbox, in_flight)
+
+    def _submit(self, pending: Iterator[DecodeTask], inbox: queue.SimpleQueue, count: int) -> int:
+        """Hand up to `count` more tasks to the manager thread; returns how many there were."""
+        sent = 0
+        for task in itertools.islice(pending, count):
+            inbox.put(task)
+            self._wake[1].send_bytes(b"")
+            sent += 1
+        return sent
+
+    def _results(self, pending: Iterator[DecodeTask], inbox: queue.SimpleQueue, outbox: queue.SimpleQueue,
+                 in_flight: int) -> Iterator[DecodeResult]:
+        """Results as they finish; each one consumed makes room for the next task."""
         try:
-            pending = iter(tasks)
-            in_flight, exhausted = 0, False
-            while True:
-                while not exhausted and in_flight < 2 * self.num_workers:
-                    task = next(pending, None)
-                    if task is None:
-                        exhausted = True
-                    else:
-                        inbox.put(task)
-                        self._wake[1].send_bytes(b"")
-                        in_flight += 1
-                if in_flight == 0:
-                    return
+            while in_flight:
                 result = outbox.get()
                 if isinstance(result, BaseException):
                     raise result
-                in_flight -= 1
                 yield result
+                in_flight += self._submit(pending, inbox, 1) - 1
         finally:
             self._stop_manager()
 

@@ -32,18 +32,27 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Timer:
-    """Seconds spent in model forwards, the numerator of the pipeline's efficiency."""
+    """Seconds per named step (model forwards: the numerator of the pipeline's efficiency; model loading).
+
+    On a GPU kernels run asynchronously, so the device is synchronised on entry (work queued before is not
+    this step's) and on exit (this step's kernels have finished): the seconds are the step's own.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str, device: torch.device) -> Iterator[None]:
+        _synchronize(device)
         start = time.perf_counter()
         yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

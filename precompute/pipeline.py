@@ -4,34 +4,40 @@
       -> text stage: unique captions -> text encoder -> text set
       -> video stage: decode pool (CPU workers) -> VAE -> latents set
                                               \\-> DINOv2 -> teacher set
-Each stage only loads the models it needs, once. Writes are committed per segment, so a rerun
-after any crash computes only what is not committed yet.
+Each stage only loads the models it needs, once. The decode workers start before the text stage, so
+decoding runs behind it and behind model loading; segment writes (compression, checksums, disk) run
+on a background thread, so the main loop only feeds the models. Writes are committed per segment, so
+a rerun after any crash computes only what is not committed yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
-from crepa.families.loading import load_config
+from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
 from precompute.dataset_config import load_dataset_config
-from precompute.decode import DecodePool, DecodeTask
+from precompute.decode import DecodePool, DecodeResult, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
 from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
 from precompute.teacher import TeacherEncoder, teacher_grid
+from precompute.writing import BackgroundWriter
 
 log = logging.getLogger("crepa.precompute")
 
@@ -45,13 +51,18 @@ class PrecomputeSummary:
     reused: dict[str, int] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     forward_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     estimated_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def efficiency(self) -> float:
-        """Share of the wall time spent in model forwards (decode and writes hidden behind them)."""
-        return sum(self.forward_seconds.values()) / self.wall_seconds if self.wall_seconds else 0.0
+        """Share of the wall time spent in model forwards (decode and writes hidden behind them).
+
+        Model loading is left out of the wall time: it is paid once per run, however many clips follow.
+        """
+        busy = self.wall_seconds - sum(self.load_seconds.values())
+        return sum(self.forward_seconds.values()) / busy if busy > 0 else 0.0
 
 
 def distributed_slice() -> tuple[int, int]:
@@ -59,12 +70,21 @@ def distributed_slice() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+@dataclass
+class Timers:
+    """Model forwards (the efficiency's numerator) and model loading (left out of its denominator)."""
+
+    forward: Timer = field(default_factory=Timer)
+    load: Timer = field(default_factory=Timer)
+
+
 def _clip_seed(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 def _to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy().astype(dtype)
+    """Cast on the device, then copy: half the bytes cross to the host for float16, and the host does no cast."""
+    return tensor.detach().to(resolve_dtype(dtype)).cpu().numpy()
 
 
 def _estimate_bytes(clips: list[PlannedClip], todo: dict[str, set[str]], adapter: FamilyAdapter, vae_config: dict,
@@ -132,20 +152,27 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
         summary.wall_seconds = time.perf_counter() - start
         return summary
 
-    timer = Timer()
-    if todo["text"]:
-        _text_stage(adapter, config, device, store, sets.text, {k: my_captions[k] for k in sorted(todo["text"])},
-                    max_length, timer)
-    if video_clips:
-        skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, todo, vae_config, timer)
-        summary.skipped += skipped
-        summary.computed.update(computed)
-    summary.forward_seconds = timer.seconds
+    timers = Timers()
+    tasks = [DecodeTask(task_id=i, source=c.video, frame_indices=c.frame_indices, size=(c.width, c.height),
+                        crop=c.crop) for i, c in enumerate(video_clips)]
+    with DecodePool(config.decode_workers, config.decode_timeout) as pool:
+        decoded = pool.map(tasks)  # workers start decoding now, behind the text stage and the model loading
+        if todo["text"]:
+            _text_stage(adapter, config, device, store, sets.text, {k: my_captions[k] for k in sorted(todo["text"])},
+                        max_length, timers)
+        if video_clips:
+            skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, decoded, todo,
+                                             vae_config, timers)
+            summary.skipped += skipped
+            summary.computed.update(computed)
+    summary.forward_seconds = timers.forward.seconds
+    summary.load_seconds = timers.load.seconds
     summary.wall_seconds = time.perf_counter() - start
     store.write_report(f"precompute-{time.strftime('%Y%m%d-%H%M%S')}-rank{rank}", {
         "config": asdict(config), "planned": summary.planned, "computed": summary.computed,
         "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
-        "forward_seconds": summary.forward_seconds, "wall_seconds": summary.wall_seconds,
+        "forward_seconds": summary.forward_seconds, "load_seconds": summary.load_seconds,
+        "wall_seconds": summary.wall_seconds,
     })
     return summary
 
@@ -192,50 +219,69 @@ def _writer(store: CacheStore, feature_set: FeatureSet, config: PrecomputeConfig
 
 
 def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
-                text_set: FeatureSet, captions: dict[str, str], max_length: int, timer: Timer) -> None:
+                text_set: FeatureSet, captions: dict[str, str], max_length: int, timers: Timers) -> None:
     """Unique captions -> (L, D) embeddings; the text encoder is freed before the video stage."""
-    tokenizer, encoder = load_text_encoder(adapter, config, device)
+    with timers.load("text_encoder", device):
+        tokenizer, encoder = load_text_encoder(adapter, config, device)
     items = list(captions.items())
-    with _writer(store, text_set, config, ragged=("embeds",)) as writer, \
+    with _writer(store, text_set, config, ragged=("embeds",)) as writer, BackgroundWriter({"text": writer}) as out, \
             tqdm(total=len(items), desc="text", unit="caption") as bar:
         for begin in range(0, len(items), config.text_batch_size):
             batch = items[begin: begin + config.text_batch_size]
-            with torch.no_grad(), resident(encoder, device, config.offload), timer("text_encoder", device):
+            with torch.no_grad(), resident(encoder, device, config.offload), timers.forward("text_encoder", device):
                 embeds = adapter.encode_text(tokenizer, encoder, [caption for _, caption in batch], max_length)
             for (key, caption), embed in zip(batch, embeds, strict=True):
-                writer.add(key, "text", {"embeds": _to_numpy(embed, config.text_dtype)},
-                           {"caption": caption, "length": int(embed.shape[0])})
+                out.add("text", key, "text", {"embeds": _to_numpy(embed, config.text_dtype)},
+                        {"caption": caption, "length": int(embed.shape[0])})
             bar.update(len(batch))
     del encoder, tokenizer
     _free(device)
 
 
-def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
-                 sets: RunFeatureSets, clips: list[PlannedClip], todo: dict[str, set[str]], vae_config: dict,
-                 timer: Timer) -> tuple[list[Skipped], dict[str, int]]:
-    """Decoded clips -> latents and teacher features; decoding runs ahead in worker processes.
+@dataclass
+class _VideoModels:
+    """What the video stage runs; each model is None when no clip needs it."""
 
-    Returns the clips that could not be decoded and how many entries of each kind were written.
-    """
+    vae: nn.Module | None
+    teacher: TeacherEncoder | None
+    temporal: int
+    """The VAE's temporal compression: pixel frames per latent frame."""
+
+
+def _load_video_models(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, sets: RunFeatureSets,
+                       todo: dict[str, set[str]], vae_config: dict, timers: Timers) -> _VideoModels:
     temporal, _ = adapter.vae_compression(vae_config)
-    need_vae = bool(todo["latents"]) or config.teacher.input == "reconstruction"
-    vae = load_vae(adapter, config, device) if need_vae else None
-    teacher = None
+    models = _VideoModels(vae=None, teacher=None, temporal=temporal)
+    if todo["latents"] or config.teacher.input == "reconstruction":
+        with timers.load("vae", device):
+            models.vae = load_vae(adapter, config, device)
     if sets.teacher is not None and todo["teacher"]:
-        teacher = TeacherEncoder(config.teacher, device, compute_dtype(config.encoder_dtype, device),
-                                 config.encoder_batch_size)
-    by_id = dict(enumerate(clips))
-    tasks = [DecodeTask(task_id=i, source=c.video, frame_indices=c.frame_indices, size=(c.width, c.height),
-                        crop=c.crop) for i, c in by_id.items()]
+        with timers.load("encoder", device):
+            models.teacher = TeacherEncoder(config.teacher, device, compute_dtype(config.encoder_dtype, device),
+                                            config.encoder_batch_size)
+    return models
+
+
+def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
+                 sets: RunFeatureSets, clips: list[PlannedClip], decoded: Iterator[DecodeResult],
+                 todo: dict[str, set[str]], vae_config: dict, timers: Timers) -> tuple[list[Skipped], dict[str, int]]:
+    """Decoded clips (`decoded` yields results whose task ids index `clips`) -> latents and teacher features.
+
+    Decoding runs ahead in worker processes and segment writes run on a background thread, so this loop only
+    moves frames to the device, runs the models and copies their outputs back. Returns the clips that could not
+    be decoded and how many entries of each kind were written.
+    """
+    models = _load_video_models(adapter, config, device, sets, todo, vae_config, timers)
     skipped: list[Skipped] = []
     computed = {"latents": 0, "teacher": 0}
-    latents_writer = _writer(store, sets.latents, config)
-    teacher_writer = _writer(store, sets.teacher, config) if teacher else None
-    reconstruct = config.teacher.input == "reconstruction"
-    with DecodePool(config.decode_workers, config.decode_timeout) as pool, \
-            tqdm(total=len(tasks), desc="clips", unit="clip") as bar:
-        for result in pool.map(tasks):
-            clip = by_id[result.task_id]
+    with contextlib.ExitStack() as stack:
+        writers = {"latents": stack.enter_context(_writer(store, sets.latents, config))}
+        if models.teacher is not None:
+            writers["teacher"] = stack.enter_context(_writer(store, sets.teacher, config))
+        out = stack.enter_context(BackgroundWriter(writers))  # innermost: stopped before the writers drop buffers
+        bar = stack.enter_context(tqdm(total=len(clips), desc="clips", unit="clip"))
+        for result in decoded:
+            clip = clips[result.task_id]
             bar.update(1)
             if not result.ok:
                 if config.strict:
@@ -243,38 +289,51 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
                 skipped.append(Skipped(clip.source, result.error))
                 bar.set_postfix(skipped=len(skipped))
                 continue
-            frames = torch.from_numpy(result.frames)  # (F, H, W, 3) uint8
-            wants_teacher = teacher_writer is not None and clip.key in todo["teacher"]
-            latents = None
-            if clip.key in todo["latents"] or (wants_teacher and reconstruct):
-                pixels = frames.permute(3, 0, 1, 2).unsqueeze(0).float().div(127.5).sub(1.0)  # (1, 3, F, H, W)
-                generator = None
-                if config.latent_sampling == "sample":
-                    generator = torch.Generator(device).manual_seed(_clip_seed(config.seed, clip.key))
-                with torch.no_grad(), resident(vae, device, config.offload), timer("vae", device):
-                    latents = adapter.encode_video(vae, pixels.to(device), config.latent_sampling == "sample",
-                                                   generator)
+            arrays = _encode_clip(adapter, config, device, models, clip, result.frames, todo, timers)
             meta = {"source": clip.source, "caption": clip.caption, "text_key": clip.text_key}
-            if clip.key in todo["latents"]:
-                latents_writer.add(clip.key, clip.group, {"latents": _to_numpy(latents[0], config.latents_dtype)},
-                                   meta)
-                computed["latents"] += 1
-            if wants_teacher:
-                if reconstruct:
-                    with torch.no_grad(), resident(vae, device, config.offload), timer("vae_decode", device):
-                        decoded = adapter.decode_latents(vae, latents)[0].transpose(0, 1)  # (F, 3, H, W) in [-1, 1]
-                    teacher_pixels = (decoded.float() + 1.0) / 2.0
-                else:
-                    teacher_pixels = frames.permute(0, 3, 1, 2).float() / 255.0  # (F, 3, H, W) in [0, 1]
-                with resident(teacher.model, device, config.offload), timer("encoder", device):
-                    patch, cls = teacher.latent_features(teacher_pixels, temporal)
-                teacher_writer.add(clip.key, clip.group, {"patch": _to_numpy(patch, config.teacher.dtype),
-                                                          "cls": _to_numpy(cls, config.teacher.dtype)}, meta)
-                computed["teacher"] += 1
-    latents_writer.close()
-    if teacher_writer is not None:
-        teacher_writer.close()
+            for kind, entry in arrays.items():
+                out.add(kind, clip.key, clip.group, entry, meta)
+                computed[kind] += 1
     return skipped, computed
+
+
+def _encode_clip(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, models: _VideoModels,
+                 clip: PlannedClip, rgb: np.ndarray, todo: dict[str, set[str]],
+                 timers: Timers) -> dict[str, dict[str, np.ndarray]]:
+    """One decoded clip -> the arrays of each kind it still needs: {"latents": {...}, "teacher": {...}}."""
+    frames = torch.from_numpy(rgb).to(device)  # (F, H, W, 3) uint8: a quarter of float32's bytes to move
+    wants_teacher = models.teacher is not None and clip.key in todo["teacher"]
+    reconstruct = config.teacher.input == "reconstruction"
+    arrays = {}
+    latents = None
+    if clip.key in todo["latents"] or (wants_teacher and reconstruct):
+        latents = _encode_latents(adapter, config, device, models.vae, clip.key, frames, timers)
+    if clip.key in todo["latents"]:
+        arrays["latents"] = {"latents": _to_numpy(latents[0], config.latents_dtype)}
+    if wants_teacher:
+        if reconstruct:
+            with torch.no_grad(), resident(models.vae, device, config.offload), \
+                    timers.forward("vae_decode", device):
+                decoded = adapter.decode_latents(models.vae, latents)[0].transpose(0, 1)  # (F, 3, H, W) in [-1, 1]
+            pixels = (decoded.float() + 1.0) / 2.0
+        else:
+            pixels = frames.permute(0, 3, 1, 2)  # (F, 3, H, W) uint8: converted per encoder batch, used frames only
+        with resident(models.teacher.model, device, config.offload), timers.forward("encoder", device):
+            patch, cls = models.teacher.latent_features(pixels, models.temporal)
+        arrays["teacher"] = {"patch": _to_numpy(patch, config.teacher.dtype),
+                             "cls": _to_numpy(cls, config.teacher.dtype)}
+    return arrays
+
+
+def _encode_latents(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, vae: nn.Module, key: str,
+                    frames: torch.Tensor, timers: Timers) -> torch.Tensor:
+    """(F, H, W, 3) uint8 frames on the device -> (1, C, f, h, w) normalised latents."""
+    pixels = frames.permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1.0)  # (1, 3, F, H, W) in [-1, 1]
+    generator = None
+    if config.latent_sampling == "sample":
+        generator = torch.Generator(device).manual_seed(_clip_seed(config.seed, key))
+    with torch.no_grad(), resident(vae, device, config.offload), timers.forward("vae", device):
+        return adapter.encode_video(vae, pixels, config.latent_sampling == "sample", generator)
 
 
 def _free(device: torch.device) -> None:

@@ -44,7 +44,8 @@ def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
         echo(f"  {kind:8} computed {summary.computed.get(kind, 0):6}  reused {summary.reused.get(kind, 0):6}")
     if summary.forward_seconds:
         forwards = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.forward_seconds.items()))
-        echo(f"wall {summary.wall_seconds:.1f}s; model forwards {forwards}; efficiency {summary.efficiency:.2f}")
+        echo(f"wall {summary.wall_seconds:.1f}s (model loading {sum(summary.load_seconds.values()):.1f}s); "
+             f"model forwards {forwards}; efficiency {summary.efficiency:.2f}")
     echo("")
     for line in bucket_table(CacheStore.open(config.out)):
         echo(line)

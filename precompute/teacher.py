@@ -34,6 +34,13 @@ def teacher_grid(height: int, width: int, settings: TeacherSettings, patch: int)
     return math.ceil(h // patch / settings.pool), math.ceil(w // patch / settings.pool)
 
 
+def _unit_float(frames: torch.Tensor) -> torch.Tensor:
+    """float32 frames in [0, 1], from uint8 or any float dtype."""
+    if frames.dtype == torch.uint8:
+        return frames.float().div_(255.0)
+    return frames.float()
+
+
 class TeacherEncoder:
     """A frozen DINOv2 that turns clip frames into per-latent-frame patch and CLS features."""
 
@@ -57,13 +64,17 @@ class TeacherEncoder:
 
     @torch.no_grad()
     def frame_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) in [0, 1] -> patch tokens (N, ht, wt, D) and CLS (N, D), fp32."""
+        """(N, 3, H, W) float in [0, 1] or uint8 -> patch tokens (N, ht, wt, D) and CLS (N, D), fp32.
+
+        uint8 frames are converted batch by batch on the device: a quarter of the bytes to move, and no
+        float copy of the whole clip. Batches are of equal size (up to one frame), at most `batch_size`.
+        """
         h, w = encoder_input_size(*frames.shape[2:], self.settings.image_size, self.settings.resize, self.patch)
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         patches, cls = [], []
-        for batch in frames.split(self.batch_size):
-            batch = batch.to(self.device, torch.float32)
+        for batch in frames.tensor_split(math.ceil(len(frames) / self.batch_size)):
+            batch = _unit_float(batch.to(self.device))
             batch = F.interpolate(batch, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
             batch = ((batch.clamp(0, 1) - mean) / std).to(self.dtype)
             # (n, prefix + gh*gw, D): last_hidden_state is taken after the final layernorm
@@ -77,7 +88,7 @@ class TeacherEncoder:
         return torch.cat(patches), torch.cat(cls)
 
     def latent_features(self, frames: torch.Tensor, temporal_compression: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F_pix, 3, H, W) in [0, 1] -> per latent frame patch (f, ht, wt, D) and CLS (f, D), fp32.
+        """(F_pix, 3, H, W) float in [0, 1] or uint8 -> per latent frame patch (f, ht, wt, D) and CLS (f, D), fp32.
 
         stride encodes only the pixel frame t_c*i of each latent frame; mean encodes every covered
         frame and averages within each group.

@@ -168,6 +168,30 @@ class CrashingTask(DecodeTask):
         raise AssertionError("unreachable")
 
 
+@dataclass(frozen=True)
+class MarkingTask(DecodeTask):
+    """Leaves a file behind when a worker runs it."""
+
+    mark: str = ""
+
+    def run(self) -> np.ndarray:
+        Path(self.mark).write_text("decoded")
+        return super().run()
+
+
+def test_map_starts_decoding_before_its_first_result_is_asked_for(tmp_path, palette_video):
+    mark = tmp_path / "mark"
+    with DecodePool(num_workers=1, timeout_s=30) as pool:
+        results = pool.map([MarkingTask("a", palette_video, (0,), (16, 16), mark=str(mark))])
+        deadline = time.monotonic() + 30
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mark.exists(), "the worker should decode while the caller does other work"
+        (result,) = results
+        assert result.ok
+    assert multiprocessing.active_children() == []
+
+
 def test_a_hanging_task_is_killed_and_a_crash_is_reported(tmp_path, palette_video):
     pid_file = tmp_path / "pid"
     tasks = [

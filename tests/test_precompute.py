@@ -18,7 +18,7 @@ from conftest import write_dataset
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
 from precompute.config import PrecomputeConfig, TeacherSettings
-from precompute.pipeline import run_precompute
+from precompute.pipeline import PrecomputeSummary, run_precompute
 from precompute.teacher import TeacherEncoder
 
 
@@ -82,6 +82,54 @@ def test_temporal_mapping_of_teacher_frames(tmp_path, tiny_models, mode):
         expected = torch.stack([per_frame[0], per_frame[1:5].mean(0), per_frame[5:9].mean(0)])
     np.testing.assert_allclose(stored, expected.numpy(), atol=1e-4)
     assert not np.allclose(stored[1], stored[2])
+
+
+def test_teacher_takes_uint8_frames_in_balanced_batches(tiny_models):
+    from precompute.synthetic import moving_shapes_clip
+
+    settings = TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)
+    encoder = TeacherEncoder(settings, torch.device("cpu"), torch.float32, batch_size=4)
+    batches = []
+    encoder.model.register_forward_pre_hook(lambda _, args, kwargs: batches.append(len(kwargs["pixel_values"])),
+                                            with_kwargs=True)
+    frames = torch.from_numpy(moving_shapes_clip(5, 48, 64)).permute(0, 3, 1, 2)  # (5, 3, 48, 64) uint8
+    from_uint8 = encoder.frame_features(frames)
+    from_float = encoder.frame_features(frames.float() / 255.0)
+    assert batches == [3, 2, 3, 2]  # 5 frames in batches of at most 4: 3 + 2, not 4 + 1
+    for ours, reference in zip(from_uint8, from_float, strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_a_failed_segment_write_stops_the_run_and_commits_nothing_half_written(tmp_path, dataset, tiny_models,
+                                                                               monkeypatch):
+    import crepa.cache.store as store_module
+
+    write_json = store_module.write_json
+
+    def full_disk_for_teacher_manifests(fs, path, obj):
+        if "/manifest/teacher/" in path:
+            raise OSError("No space left on device")
+        return write_json(fs, path, obj)
+
+    monkeypatch.setattr(store_module, "write_json", full_disk_for_teacher_manifests)
+    out = str(tmp_path / "cache")
+    with pytest.raises(OSError, match="No space left on device"):  # raised on the writer thread, surfaced here
+        run_precompute(config_for(dataset, out, tiny_models, segment_clips=1))
+    monkeypatch.undo()
+    store = CacheStore.open(out)
+    report = store.verify()
+    assert store.keys(store.feature_sets("teacher")[0]) == set()
+    assert report.problems == [] and report.orphans  # the arrays were written, never committed
+
+    summary = run_precompute(config_for(dataset, out, tiny_models))
+    assert summary.computed["teacher"] == 3 and summary.computed["latents"] < 3  # latents committed before stay
+    assert CacheStore.open(out).verify().ok
+
+
+def test_efficiency_leaves_model_loading_out():
+    summary = PrecomputeSummary(forward_seconds={"vae": 6.0, "encoder": 3.0}, load_seconds={"vae": 10.0},
+                                wall_seconds=20.0)
+    assert summary.efficiency == pytest.approx(0.9)
 
 
 def test_second_encoder_computes_only_the_new_teacher_set(tmp_path, dataset, tiny_models):

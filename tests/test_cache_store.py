@@ -13,10 +13,10 @@ import fsspec
 import numpy as np
 import pytest
 import zarr
-from cache_crash_writer import DESCRIPTION, IDENTITY, arrays_for, write
+from cache_crash_writer import DESCRIPTION, IDENTITY, arrays_for, group_of, write
 
 from crepa.cache.keys import bytes_identity, clip_key, file_identity, fingerprint, text_key
-from crepa.cache.store import CacheStore
+from crepa.cache.store import CODECS, CacheStore, VerifyReport
 
 HERE = Path(__file__).parent
 
@@ -186,6 +186,47 @@ def test_verify_reports_corrupted_chunk_and_orphan_segment(tmp_path):
     assert report.problems and all(victim["segment"] in p for p in report.problems)
     assert report.orphans == [f"{fset.path}/{orphan['group']}/{orphan['segment']}"]
     assert "clip7" not in CacheStore.open(url).keys(fset)  # uncommitted data is invisible
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_each_codec_round_trips_verifies_and_catches_corruption(tmp_path, codec):
+    url = str(tmp_path / "cache")
+    store = CacheStore.open(url, mode="a")
+    fset = latents_set(store)
+    keys = [f"clip{i}" for i in range(5)]
+    with store.writer(fset, ragged=("tokens",), max_segment_entries=2, codec=codec) as writer:
+        for key in keys:
+            writer.add(key, group_of(key), arrays_for(key))
+    reader = CacheStore.open(url)
+    for key in keys:
+        for name, want in arrays_for(key).items():
+            got = reader.read(fset, key)[name]
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    assert reader.verify() == VerifyReport(checked=5, problems=[], orphans=[])
+
+    entry = reader.entry(fset, "clip0")
+    root = zarr.open_group(zarr.storage.LocalStore(url), mode="r")
+    for name, itemsize in (("latents", 2), ("tokens", 4)):
+        [sharding] = root[f"{fset.path}/{entry['group']}/{entry['segment']}/{name}"].metadata.codecs
+        inner = {c.to_dict()["name"]: c.to_dict().get("configuration", {}) for c in sharding.codecs}
+        assert codec in inner or (codec == "none" and set(inner) == {"bytes", "crc32c"})
+        if codec == "blosc":  # byte shuffle over the dtype's item size
+            assert inner["blosc"]["shuffle"] == "shuffle" and inner["blosc"]["typesize"] == itemsize
+
+    shard_dir = Path(url) / fset.path / entry["group"] / entry["segment"] / "latents"
+    [shard] = [p for p in shard_dir.rglob("*") if p.is_file() and p.name != "zarr.json"]
+    data = bytearray(shard.read_bytes())
+    data[8:40] = bytes(32)  # inside the first chunk's payload, whatever the codec
+    shard.write_bytes(bytes(data))
+    report = CacheStore.open(url).verify()
+    assert not report.ok and all(entry["segment"] in p for p in report.problems)
+
+
+def test_unknown_codec_names_the_allowed_ones(tmp_path):
+    store = CacheStore.open(str(tmp_path / "cache"), mode="a")
+    with pytest.raises(ValueError, match="codec 'lz4' is unknown; use one of zstd, blosc, none"):
+        store.writer(latents_set(store), codec="lz4")
 
 
 def test_two_processes_write_disjoint_keys(tmp_path):

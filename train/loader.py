@@ -39,7 +39,8 @@ class TrainData:
             epoch, consumed = epoch + 1, 0
 
 
-def _loader_kwargs(cfg: TrainConfig) -> dict:
+def loader_kwargs(cfg: TrainConfig) -> dict:
+    """DataLoader options of every training loader: workers prefetch ahead, and keep running across epochs."""
     workers = cfg.dataloader_num_workers
     return {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
             "prefetch_factor": 4 if workers else None, "persistent_workers": workers > 0}
@@ -65,7 +66,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
 
     # One loader for the whole run: the batch sampler runs in this process, so persistent workers
     # serve every epoch's order without being restarted.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **_loader_kwargs(cfg))
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **loader_kwargs(cfg))
 
     def loader_for_epoch(epoch: int, consumed: int):
         sampler.set_epoch(epoch, consumed)
@@ -103,7 +104,7 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
     def loader_for_epoch(epoch: int, consumed: int):
         stream.set_epoch(epoch)
         loader = DataLoader(stream, batch_size=None, collate_fn=collate_fn,
-                            **(_loader_kwargs(cfg) | {"persistent_workers": False}))
+                            **(loader_kwargs(cfg) | {"persistent_workers": False}))
         return (batch for index, batch in enumerate(loader) if index >= consumed)
 
     total = _count_samples(urls) * cfg.num_repeats

@@ -38,6 +38,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from crepa.cache.atomic import fsync_tree, is_local, list_json, read_json_files, write_json
 from crepa.cache.keys import fingerprint
+from crepa.cache.rows import ByteSource, Rows, open_rows
 
 SCHEMA_VERSION = 1
 FEATURE_KINDS = ("latents", "teacher", "text")
@@ -46,6 +47,8 @@ CACHE_FORMAT = "crepa-cache"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # group, array, writer and plan names become path components
 _RESERVED_META = ("group", "segment", "row", "checksums")
 _OFFSETS = ".offsets"  # suffix of the (n + 1,) offsets array stored beside each ragged array
+CODECS = ("zstd", "blosc", "none")
+"""Compression of stored arrays, chosen per writer; readers decode any of them from the Zarr metadata."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,22 @@ def checksum(array: np.ndarray) -> str:
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{what} {name!r} must be a non-empty string of letters, digits, '_' or '-'")
+
+
+def _check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is unknown; use one of {', '.join(CODECS)}")
+    return codec
+
+
+def _compressors(codec: str) -> tuple[zarr.abc.codec.BytesBytesCodec, ...]:
+    """The bytes-to-bytes codecs of an array; each chain holds a checksum so reads fail loudly on corruption."""
+    if codec == "zstd":
+        return (zarr.codecs.ZstdCodec(level=3, checksum=True),)
+    if codec == "blosc":
+        # zstd inside blosc (clevel 2 is zstd level 3); byte shuffle, its type size set from each array's dtype
+        return (zarr.codecs.BloscCodec(cname="zstd", clevel=2, shuffle="shuffle"), zarr.codecs.Crc32cCodec())
+    return (zarr.codecs.Crc32cCodec(),)
 
 
 def _check_kind(kind: str) -> str:
@@ -157,8 +176,9 @@ class CacheStore:
         self._root = root
         self._group = zarr.open_group(zstore, mode="r" if mode == "r" else "r+")
         self._indexes: dict[str, _Index] = {}
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, Rows] = {}
         self._offsets: dict[str, np.ndarray] = {}
+        self._bytes = ByteSource(fs, root)
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> CacheStore:
@@ -246,11 +266,11 @@ class CacheStore:
             raise KeyError(f"{fset.path} in {self.url} has no committed entry {key!r}; precompute it first")
         return record
 
-    def _array(self, path: str) -> zarr.Array:
-        array = self._arrays.get(path)
-        if array is None:
-            array = self._arrays[path] = zarr.open_array(self._zstore, path=path, mode="r")
-        return array
+    def _array(self, path: str) -> Rows:
+        rows = self._arrays.get(path)
+        if rows is None:
+            rows = self._arrays[path] = open_rows(zarr.open_array(self._zstore, path=path, mode="r"), self._bytes)
+        return rows
 
     def keys(self, fset: FeatureSet) -> set[str]:
         """Keys of the committed entries."""
@@ -277,14 +297,14 @@ class CacheStore:
         for name, spec in segment["arrays"].items():
             if names is not None and name not in names:
                 continue
-            array = self._array(f"{prefix}/{name}")
+            path = f"{prefix}/{name}"
             if spec["ragged"]:
-                offsets = self._offsets.get(array.path)
+                offsets = self._offsets.get(path)
                 if offsets is None:
-                    offsets = self._offsets[array.path] = self._array(f"{prefix}/{name}{_OFFSETS}")[:]
-                out[name] = array[int(offsets[row]) : int(offsets[row + 1])]
+                    offsets = self._offsets[path] = self._array(f"{path}{_OFFSETS}").read(0)
+                out[name] = self._array(path).read(int(offsets[row]), int(offsets[row + 1]))
             else:
-                out[name] = np.asarray(array[row])
+                out[name] = self._array(path).read(row, row + 1)[0]  # (*entry shape)
         return out
 
     # ---- writing
@@ -297,17 +317,20 @@ class CacheStore:
         writer_id: str | None = None,
         max_segment_bytes: int = 256 * 2**20,
         max_segment_entries: int = 64,
+        codec: str = "zstd",
     ) -> SegmentWriter:
-        """A buffered writer of entries into `fset`; see SegmentWriter."""
+        """A buffered writer of entries into `fset`; see SegmentWriter. `codec` is one of CODECS."""
         self._check_writable("write entries")
-        return SegmentWriter(self, fset, ragged, writer_id, max_segment_bytes, max_segment_entries)
+        return SegmentWriter(self, fset, ragged, writer_id, max_segment_bytes, max_segment_entries, codec)
 
     def _check_writable(self, action: str) -> None:
         if self.mode != "a":
             raise PermissionError(f"cache {self.url} is open read-only; open it with mode='a' to {action}")
 
-    def _write_segment(self, fset: FeatureSet, group: str, segment: str, manifest: dict, data: dict) -> None:
-        """Write a segment's arrays, then commit it with its manifest file (the only step readers see).
+    def _write_segment(
+        self, fset: FeatureSet, group: str, segment: str, manifest: dict, data: dict, codec: str = "zstd"
+    ) -> None:
+        """Write a segment's arrays with `codec`, then commit it with its manifest file (the only step readers see).
 
         `data`: array name -> (array, chunk rows along axis 0, attributes).
         """
@@ -320,7 +343,7 @@ class CacheStore:
                 dtype=array.dtype,
                 chunks=(rows, *tail),
                 shards=(rows * max(1, math.ceil(array.shape[0] / rows)), *tail),  # the whole array in one shard
-                compressors=zarr.codecs.ZstdCodec(level=3, checksum=True),  # reads fail loudly on corruption
+                compressors=_compressors(codec),
                 attributes=attrs,
             )
             zarray[...] = array
@@ -452,6 +475,7 @@ class SegmentWriter:
         writer_id: str | None,
         max_segment_bytes: int,
         max_segment_entries: int,
+        codec: str = "zstd",
     ):
         if writer_id is None:
             writer_id = f"w{os.getpid()}"
@@ -464,6 +488,7 @@ class SegmentWriter:
         self.ragged = frozenset(ragged)
         self.max_segment_bytes = max_segment_bytes
         self.max_segment_entries = max_segment_entries
+        self.codec = _check_codec(codec)
         self._pending: dict[str, _Pending] = {}
         self._counter = 0
         self._closed = False
@@ -569,4 +594,4 @@ class SegmentWriter:
             "arrays": specs,
             "entries": entries,
         }
-        self.store._write_segment(self.fset, group, segment, manifest, data)
+        self.store._write_segment(self.fset, group, segment, manifest, data, self.codec)

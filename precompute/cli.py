@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from crepa.cache.store import CODECS
 from precompute.config import (
     RESIZE_MODES,
     STORAGE_DTYPES,
@@ -57,6 +58,8 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "bfloat16", "float16"])
 @click.option("--strict", is_flag=True, help="Stop at the first bad clip instead of skipping it.")
 @click.option("--max-segment-mb", default=256, type=int, help="Segment (shard) size; bounds what a crash loses.")
 @click.option("--segment-clips", default=64, type=int, help="Clips per segment at most (1: commit every clip).")
+@click.option("--codec", type=click.Choice(CODECS), default="zstd",
+              help="Compression of the stored arrays (none reads fastest; features barely compress).")
 def precompute_command(**options) -> None:
     """Decode clips, VAE-encode them, extract teacher features and text embeddings into a cache."""
     from precompute.pipeline import run_precompute

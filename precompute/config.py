@@ -105,8 +105,14 @@ class PrecomputeConfig:
     """Size of one written segment (shard); at most this much is lost to a crash."""
     segment_clips: int = 64
     """Clips per written segment at most; 1 commits every clip as soon as it is encoded."""
+    codec: str = "zstd"
+    """Compression of the stored arrays: zstd, blosc or none (features barely compress; none reads fastest)."""
 
     def __post_init__(self) -> None:
+        from crepa.cache.store import CODECS
+
+        if self.codec not in CODECS:
+            raise ValueError(f"--codec={self.codec!r}; use one of {', '.join(CODECS)}")
         if self.latent_sampling not in LATENT_SAMPLING:
             raise ValueError(f"--latent-sampling={self.latent_sampling!r}; use one of {', '.join(LATENT_SAMPLING)}")
         for name in ("latents_dtype", "text_dtype"):

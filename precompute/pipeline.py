@@ -215,7 +215,7 @@ def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], 
 def _writer(store: CacheStore, feature_set: FeatureSet, config: PrecomputeConfig, **options) -> SegmentWriter:
     """A segment writer bounded by the run's segment size and clip count."""
     return store.writer(feature_set, max_segment_bytes=config.max_segment_mb * 2**20,
-                        max_segment_entries=config.segment_clips, **options)
+                        max_segment_entries=config.segment_clips, codec=config.codec, **options)
 
 
 def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,

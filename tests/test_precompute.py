@@ -257,3 +257,25 @@ def test_webdataset_export_reads_back(tmp_path, trained_cache):
         np.testing.assert_array_equal(sample["text.npy"], expected["text"])
         seen += 1
     assert seen == 3
+
+
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_codec_option_writes_arrays_the_view_reads_back(tmp_path, dataset, tiny_models, codec):
+    reference, other = str(tmp_path / "zstd"), str(tmp_path / codec)
+    run_precompute(config_for(dataset, reference, tiny_models))
+    run_precompute(config_for(dataset, other, tiny_models, codec=codec))
+    views = [CacheView(CacheStore.open(path), "wan") for path in (reference, other)]
+    for clip in views[0].clips:
+        want, got = views[0].load(clip), views[1].load(clip)
+        for name in ("latents", "text", "teacher"):
+            np.testing.assert_array_equal(got[name], want[name])
+    teacher = views[1].teacher
+    entry = views[1].store.entry(teacher, views[1].clips[0].key)
+    array = zarr.open_array(f"{other}/{teacher.path}/{entry['group']}/{entry['segment']}/patch", mode="r")
+    names = {type(c).__name__ for c in array.metadata.codecs[0].codecs}
+    assert ("BloscCodec" in names) == (codec == "blosc") and "ZstdCodec" not in names
+
+
+def test_unknown_codec_is_refused_with_the_choices(tmp_path, dataset, tiny_models):
+    with pytest.raises(ValueError, match="--codec='lz4'; use one of zstd, blosc, none"):
+        config_for(dataset, str(tmp_path / "c"), tiny_models, codec="lz4")

@@ -30,7 +30,7 @@ from precompute.config import TeacherSettings
 from precompute.teacher import TeacherEncoder, teacher_grid
 from train.config import TrainConfig
 from train.lora import add_lora
-from train.trainer import StepParts, train_step
+from train.trainer import StepParts, build_optimizer, train_step
 
 VARIANTS = {"a": "no CREPA", "b": "CREPA from the cache", "c": "CREPA online (VAE decode + DINOv2 per step)"}
 ENCODER = "dinov2_vitg14"
@@ -101,11 +101,9 @@ class StepBench:
         if device.type == "cuda":
             self.batch = {name: value.pin_memory() for name, value in self.batch.items()}
 
-        params = [p for p in self.transformer.parameters() if p.requires_grad]
-        params += list(self.projector.parameters()) if self.projector is not None else []
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
         block = min(8, preset.dit_layers - 1)
         self.parts = {name: self._parts(name != "a", block) for name in variants}
+        self.optimizer = build_optimizer(next(iter(self.parts.values())).config, self.transformer, self.projector)
         self.step_index = 0
 
     def _parts(self, crepa: bool, block: int) -> StepParts:
@@ -207,7 +205,10 @@ def measure_memory(args) -> None:
 def memory_in_subprocess(variant: str, args, workdir: str) -> dict:
     command = [sys.executable, "-m", "bench.train_step", "--memory-of", variant, "--scale", args.scale,
                "--device", args.device, "--workdir", workdir, "--lora-rank", str(args.lora_rank), "--no-record"]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    # A fixed mmap threshold turns off glibc's adaptive one, which otherwise keeps freed buffers of up to 32 MiB
+    # resident at random: with it, RSS follows live tensors and repeats within a few MiB from run to run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

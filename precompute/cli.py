@@ -7,7 +7,7 @@ import click
 from crepa.cache.store import CODECS
 from precompute.config import (
     RESIZE_MODES,
-    STORAGE_DTYPES,
+    TEACHER_DTYPES,
     TEACHER_FRAMES,
     TEACHER_INPUTS,
     PrecomputeConfig,
@@ -34,7 +34,8 @@ DTYPE_CHOICES = click.Choice(["auto", "float32", "bfloat16", "float16"])
               help="Which pixel frames make a latent frame's teacher.")
 @click.option("--teacher-input", type=click.Choice(TEACHER_INPUTS), default="pixels",
               help="Encode source pixels or the VAE reconstruction.")
-@click.option("--teacher-dtype", type=click.Choice(STORAGE_DTYPES), default="float16", help="Teacher storage dtype.")
+@click.option("--teacher-dtype", type=click.Choice(TEACHER_DTYPES), default="float16",
+              help="Teacher storage dtype (int8: per-token scale beside, half of float16's bytes).")
 @click.option("--teacher-pool", default=1, type=int, help="Average-pool the patch grid by this factor.")
 @click.option("--no-teacher", is_flag=True, help="Cache latents and text only.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")

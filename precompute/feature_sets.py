@@ -103,7 +103,9 @@ def open_feature_sets(
             "dim": encoder_config["hidden_size"],
             "patch_size": encoder_config["patch_size"],
             "register_tokens": encoder_config.get("num_register_tokens", 0),
-            "arrays": {"patch": "(f, ht, wt, D) patch tokens per latent frame", "cls": "(f, D) CLS token"},
+            "arrays": {"patch": "(f, ht, wt, D) patch tokens per latent frame", "cls": "(f, D) CLS token"}
+            | ({"patch_scale": "(f, ht, wt, 1) fp16 per-token scale: features = int8 patch * patch_scale"}
+               if settings.dtype == "int8" else {}),
             "image_size": settings.image_size,
             "resize": settings.resize,
             "frames": settings.frames,

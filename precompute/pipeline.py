@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crepa.cache.quantize import quantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
@@ -100,9 +101,10 @@ def _estimate_bytes(clips: list[PlannedClip], todo: dict[str, set[str]], adapter
                 np.dtype(config.latents_dtype).itemsize
         if clip.key in todo["teacher"]:
             height, width = teacher_grid(clip.height, clip.width, config.teacher, encoder_config["patch_size"])
-            tokens = height * width + 1  # patch grid and CLS
-            estimate["teacher"] += frames * tokens * encoder_config["hidden_size"] * \
-                np.dtype(config.teacher.dtype).itemsize
+            dim, storage = encoder_config["hidden_size"], np.dtype(config.teacher.dtype).itemsize
+            scale = 2 if config.teacher.dtype == "int8" else 0  # an fp16 scale per token
+            cls = np.dtype(_host_dtype(config.teacher.dtype)).itemsize
+            estimate["teacher"] += frames * (height * width * (dim * storage + scale) + dim * cls)
     return estimate
 
 
@@ -278,7 +280,9 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
         writers = {"latents": stack.enter_context(_writer(store, sets.latents, config))}
         if models.teacher is not None:
             writers["teacher"] = stack.enter_context(_writer(store, sets.teacher, config))
-        out = stack.enter_context(BackgroundWriter(writers))  # innermost: stopped before the writers drop buffers
+        prepare = {"teacher": _quantize_patch} if config.teacher.dtype == "int8" else {}
+        # innermost: stopped before the writers drop buffers
+        out = stack.enter_context(BackgroundWriter(writers, prepare=prepare))
         bar = stack.enter_context(tqdm(total=len(clips), desc="clips", unit="clip"))
         for result in decoded:
             clip = clips[result.task_id]
@@ -320,9 +324,20 @@ def _encode_clip(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
             pixels = frames.permute(0, 3, 1, 2)  # (F, 3, H, W) uint8: converted per encoder batch, used frames only
         with resident(models.teacher.model, device, config.offload), timers.forward("encoder", device):
             patch, cls = models.teacher.latent_features(pixels, models.temporal)
-        arrays["teacher"] = {"patch": _to_numpy(patch, config.teacher.dtype),
-                             "cls": _to_numpy(cls, config.teacher.dtype)}
+        host_dtype = _host_dtype(config.teacher.dtype)
+        arrays["teacher"] = {"patch": _to_numpy(patch, host_dtype), "cls": _to_numpy(cls, host_dtype)}
     return arrays
+
+
+def _host_dtype(storage: str) -> str:
+    """Dtype the features leave the device in: int8 is quantised on the writer thread, from float16."""
+    return "float16" if storage == "int8" else storage
+
+
+def _quantize_patch(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"patch", "cls"} -> int8 "patch" steps with their (f, ht, wt, 1) fp16 "patch_scale"; CLS stays fp16."""
+    steps, scale = quantize_per_token(arrays["patch"])
+    return {"patch": steps, "patch_scale": scale, "cls": arrays["cls"]}
 
 
 def _encode_latents(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, vae: nn.Module, key: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -24,8 +24,12 @@ class BackgroundWriter:
     blocks then flush the rest.
     """
 
-    def __init__(self, writers: Mapping[str, SegmentWriter], depth: int = 4) -> None:
+    def __init__(self, writers: Mapping[str, SegmentWriter], depth: int = 4,
+                 prepare: Mapping[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] | None = None) -> None:
+        """`prepare`: per writer, a function applied to an entry's arrays on the thread before they are added
+        (host-side work such as quantisation that would otherwise hold up the model loop)."""
         self._writers = dict(writers)
+        self._prepare = dict(prepare or {})
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._reported = False
@@ -64,8 +68,10 @@ class BackgroundWriter:
         while (item := self._queue.get()) is not _STOP:
             if self._error is not None or self._abandon.is_set():
                 continue  # drain, so that a caller blocked on a full queue goes on and sees the error
-            name, *entry = item
+            name, key, group, arrays, meta = item
             try:
-                self._writers[name].add(*entry)
+                if name in self._prepare:
+                    arrays = self._prepare[name](arrays)
+                self._writers[name].add(key, group, arrays, meta)
             except BaseException as error:  # re-raised in the caller's thread
                 self._error = error

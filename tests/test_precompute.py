@@ -279,3 +279,29 @@ def test_codec_option_writes_arrays_the_view_reads_back(tmp_path, dataset, tiny_
 def test_unknown_codec_is_refused_with_the_choices(tmp_path, dataset, tiny_models):
     with pytest.raises(ValueError, match="--codec='lz4'; use one of zstd, blosc, none"):
         config_for(dataset, str(tmp_path / "c"), tiny_models, codec="lz4")
+
+
+def test_int8_teacher_halves_the_bytes_and_reads_back_as_close_float16(tmp_path, dataset, tiny_models):
+    from train.config import TrainConfig
+    from train.trainer import run_train
+
+    fp16, int8 = str(tmp_path / "fp16"), str(tmp_path / "int8")
+    run_precompute(config_for(dataset, fp16, tiny_models))
+    settings = TeacherSettings(encoder=tiny_models["dinov2"], image_size=56, dtype="int8")
+    estimate = run_precompute(config_for(dataset, int8, tiny_models, teacher=settings, dry_run=True)).estimated_bytes
+    run_precompute(config_for(dataset, int8, tiny_models, teacher=settings))
+    reference, quantised = (CacheView(CacheStore.open(path), "wan") for path in (fp16, int8))
+    for clip in reference.clips:
+        want = reference.load(clip)["teacher"].astype(np.float32)
+        got = quantised.load(clip)["teacher"]
+        assert got.dtype == np.float16 and got.shape == want.shape
+        cosine = (want * got).sum(-1) / np.linalg.norm(want, axis=-1) / np.linalg.norm(got.astype(np.float32), axis=-1)
+        assert cosine.min() > 0.999
+    stored = quantised.store.read(quantised.teacher, quantised.clips[0].key)
+    assert stored["patch"].dtype == np.int8 and stored["patch_scale"].shape == (*stored["patch"].shape[:-1], 1)
+    assert stored["cls"].dtype == np.float16
+    written = sum(array.nbytes for clip in quantised.clips
+                  for array in quantised.store.read(quantised.teacher, clip.key).values())
+    assert estimate["teacher"] == written
+    run_train(TrainConfig(cache=int8, family="wan", model=tiny_models["wan"], output_dir=str(tmp_path / "run"),
+                          crepa_block_index=1, max_train_steps=2, batch_size=1))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crepa.cache.quantize import dequantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet
 from crepa.encoders import resolve_encoder
 
@@ -100,5 +101,12 @@ class CacheView:
             "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
         }
         if self.teacher is not None:  # the CLS token is not part of the training view
-            sample["teacher"] = self.store.read(self.teacher, clip.key, ["patch"])["patch"]
+            sample["teacher"] = self._teacher_patch(clip.key)
         return sample
+
+    def _teacher_patch(self, key: str) -> np.ndarray:
+        """(F, ht, wt, D) teacher features; int8 sets are dequantised with their per-token scales, to float16."""
+        arrays = self.store.read(self.teacher, key, ["patch", "patch_scale"])
+        if "patch_scale" not in arrays:
+            return arrays["patch"]
+        return dequantize_per_token(arrays["patch"], arrays["patch_scale"]).astype(np.float16)

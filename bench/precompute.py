@@ -94,8 +94,7 @@ def save_models(root: Path, preset: Preset, device: torch.device) -> dict[str, s
 
 def write_dataset(root: Path, preset: Preset) -> str:
     """`preset.clips` moving-shape mp4 clips with captions and a dataset TOML with one bucket; returns its path."""
-    from crepa.demo import DEMO_CAPTIONS
-    from precompute.synthetic import moving_shapes_clip, write_video
+    from precompute.synthetic import DEMO_CAPTIONS, moving_shapes_clip, write_video
 
     clips = root / "clips"
     clips.mkdir()

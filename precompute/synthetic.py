@@ -58,3 +58,20 @@ def flat_colour_clip(colours: list[tuple[int, int, int]], height: int, width: in
     """uint8 (len(colours), H, W, 3): frame i is filled with colours[i] (lets tests tell frames apart)."""
     palette = np.asarray(colours, dtype=np.uint8)[:, None, None, :]  # (F, 1, 1, 3)
     return np.broadcast_to(palette, (len(colours), height, width, 3)).copy()
+
+
+DEMO_CAPTIONS = (
+    "a red circle moving right across a dark background",
+    "two blue squares sliding slowly over a light scene",
+    "a yellow ball bouncing up and down",
+    "three green shapes rotating in the video",
+)
+
+
+def write_captioned_clips(folder: Path, count: int = 4, frames: int = 17, height: int = 48, width: int = 64) -> None:
+    """Short mp4 files of moving shapes, each with a sidecar caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        clip = moving_shapes_clip(frames, height, width, seed=index)
+        write_video(str(folder / f"clip_{index:02d}.mp4"), clip, fps=16)
+        (folder / f"clip_{index:02d}.txt").write_text(DEMO_CAPTIONS[index % len(DEMO_CAPTIONS)] + "\n")

@@ -27,9 +27,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "") -> str:
     """`clips` moving-shape videos with captions in folder/clips and a dataset TOML; returns its path."""
-    from crepa.demo import write_demo_clips
+    from precompute.synthetic import write_captioned_clips
 
-    write_demo_clips(folder / "clips", count=clips, frames=frames)
+    write_captioned_clips(folder / "clips", count=clips, frames=frames)
     config = folder / "dataset.toml"
     config.write_text(
         "[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\nframe_extraction = \"head\"\n"

@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from crepa.cli import main
+from crepa_cli.main import main
 
 
 def test_help_lists_commands():

@@ -197,7 +197,7 @@ def test_memory_url_cache(tmp_path, dataset, tiny_models):
 
 
 def precompute_cli(dataset: str, out: str, models: dict, *extra: str, env: dict | None = None) -> list[str]:
-    return [sys.executable, "-m", "crepa.cli", "precompute", "--config", dataset, "--family", "wan", "--out", out,
+    return [sys.executable, "-m", "crepa_cli", "precompute", "--config", dataset, "--family", "wan", "--out", out,
             "--model", models["wan"], "--encoder", models["dinov2"], "--encoder-image-size", "56", "--device", "cpu",
             "--decode-workers", "0", *extra]
 

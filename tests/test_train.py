@@ -176,7 +176,7 @@ def test_two_process_training_and_config_rerun(tmp_path, trained_cache, tiny_mod
 
     rerun = str(tmp_path / "rerun")
     saved_config = os.path.join(out, "train_config.json")
-    done = subprocess.run([sys.executable, "-m", "crepa.cli", "train", "--config", saved_config, "--output-dir", rerun],
+    done = subprocess.run([sys.executable, "-m", "crepa_cli", "train", "--config", saved_config, "--output-dir", rerun],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.load(open(os.path.join(rerun, "train_config.json")))

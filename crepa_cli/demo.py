@@ -9,29 +9,13 @@ from pathlib import Path
 import click
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "datasets_cfg" / "demo.toml"
-DEMO_CAPTIONS = (
-    "a red circle moving right across a dark background",
-    "two blue squares sliding slowly over a light scene",
-    "a yellow ball bouncing up and down",
-    "three green shapes rotating in the video",
-)
-
-
-def write_demo_clips(folder: Path, count: int = 4, frames: int = 17, height: int = 48, width: int = 64) -> None:
-    """Short mp4 files of moving shapes, each with a sidecar caption."""
-    from precompute.synthetic import moving_shapes_clip, write_video
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        clip = moving_shapes_clip(frames, height, width, seed=index)
-        write_video(str(folder / f"clip_{index:02d}.mp4"), clip, fps=16)
-        (folder / f"clip_{index:02d}.txt").write_text(DEMO_CAPTIONS[index % len(DEMO_CAPTIONS)] + "\n")
 
 
 def prepare_demo(workdir: str, family: str = "wan") -> dict[str, str]:
     """Models, clips and the dataset config under `workdir`; returns their paths."""
     from crepa.families import get_family
     from crepa.tiny_models import save_tiny_dinov2, save_tiny_pipeline
+    from precompute.synthetic import write_captioned_clips
 
     root = Path(workdir)
     paths = {"pipeline": str(root / "models" / family), "encoder": str(root / "models" / "dinov2"),
@@ -42,7 +26,7 @@ def prepare_demo(workdir: str, family: str = "wan") -> dict[str, str]:
     if not os.path.exists(os.path.join(paths["encoder"], "config.json")):
         save_tiny_dinov2(paths["encoder"])
     if not os.path.isdir(paths["clips"]):
-        write_demo_clips(Path(paths["clips"]))
+        write_captioned_clips(Path(paths["clips"]))
     shutil.copyfile(DEMO_CONFIG, paths["config"])
     return paths
 

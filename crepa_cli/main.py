@@ -1,4 +1,4 @@
-"""The `crepa` command line: parses options, builds a config, calls one run_* function."""
+"""The `crepa` command group: parses options, builds a config, calls one run_* function of a stage."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def cache_export(cache: str, out_dir: str, fmt: str, family: str, encoder: str |
 @click.option("--family", default="wan", help="Model family of the tiny models.")
 def demo(workdir: str, family: str) -> None:
     """Tiny random models + generated clips -> precompute -> train, all local."""
-    from crepa.demo import run_demo
+    from crepa_cli.demo import run_demo
 
     run_demo(workdir, family)
 

@@ -124,11 +124,15 @@ def test_comfyui_export_of_every_layer_follows_comfyuis_wan_rules(tmp_path, i2v)
     # modules of equal shape: their names must pair up too
     projections = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj",
                    "v_img": "add_v_proj"}
+    attentions = {"self_attn": "attn1", "cross_attn": "attn2"}
+    paired = 0
     for name, ours in source.items():
-        block, _, attention, projection = (name.split(".") + [""] * 4)[1:5]
-        if attention in ("self_attn", "cross_attn"):
-            attn = "attn1" if attention == "self_attn" else "attn2"
-            assert ours == f"blocks.{block}.{attn}.{projections[projection]}", f"{name} holds {ours}"
+        parts = name.split(".")
+        if len(parts) == 4 and parts[2] in attentions:
+            _, block, attention, projection = parts
+            assert ours == f"blocks.{block}.{attentions[attention]}.{projections[projection]}", f"{name} holds {ours}"
+            paired += 1
+    assert paired == model.config.num_layers * (10 if i2v else 8)
 
 
 def test_a_target_comfyui_cannot_load_is_refused_before_training(tmp_path, trained_cache, tiny_models):

@@ -35,6 +35,39 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
+def lora_layers(transformer: nn.Module) -> dict[str, nn.Module]:
+    """The modules peft wrapped with a LoRA, by their diffusers names."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in FamilyAdapter.unwrap(transformer).named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> None:
+    """Refuse LoRA layers ComfyUI has no name for: its loader would skip them with only a log line."""
+    names = adapter.comfyui_modules(transformer)
+    missing = [name for name in lora_layers(transformer) if name not in names]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise ValueError(f"--comfyui-export: ComfyUI's {adapter.name} model has no module for the LoRA layer(s) "
+                         f"{shown}, so ComfyUI would skip them; drop them from --lora-target-modules or drop "
+                         "--comfyui-export")
+
+
+def comfyui_state_dict(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter under ComfyUI's module names, as lora_A / lora_B weights and one alpha per layer."""
+    check_comfyui_export(adapter, transformer)
+    names = adapter.comfyui_modules(transformer)
+    state = {}
+    for name, layer in lora_layers(transformer).items():
+        comfy = names[name]
+        state[f"{comfy}.lora_A.weight"] = layer.lora_A["default"].weight.detach().to("cpu").contiguous()
+        state[f"{comfy}.lora_B.weight"] = layer.lora_B["default"].weight.detach().to("cpu").contiguous()
+        # ComfyUI scales by alpha / rank, peft by `scaling`: this alpha gives the same change
+        state[f"{comfy}.alpha"] = torch.tensor(layer.scaling["default"] * layer.r["default"])
+    return state
+
+
 def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank: int, alpha: float,
               comfyui: bool) -> str:
     """`pytorch_lora_weights.safetensors` loadable by the family pipeline's `load_lora_weights`."""
@@ -50,11 +83,5 @@ def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank:
     pipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
                                transformer_lora_adapter_metadata=metadata)
     if comfyui:
-        comfy = {}
-        for key, value in state.items():
-            comfy[adapter.comfyui_lora_key(key)] = value
-            if key.endswith("lora_A.weight"):
-                comfy[adapter.comfyui_lora_key(key.removesuffix("lora_A.weight") + "alpha")] = torch.tensor(
-                    float(alpha))
-        save_file(comfy, os.path.join(folder, COMFYUI_WEIGHTS))
+        save_file(comfyui_state_dict(adapter, transformer), os.path.join(folder, COMFYUI_WEIGHTS))
     return os.path.join(folder, LORA_WEIGHTS)

@@ -23,7 +23,7 @@ from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints
 from train.config import TrainConfig
 from train.flow_matching import noisy_input, sample_sigmas, timesteps_from_sigmas
 from train.loader import TrainData, build_data
-from train.lora import add_lora, save_lora
+from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
 
 
@@ -146,6 +146,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     else:
         add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
                  cfg.lora_target_modules or list(adapter.default_lora_targets))
+        if cfg.comfyui_export:
+            check_comfyui_export(adapter, transformer)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -107,8 +107,13 @@ class FamilyAdapter(ABC):
         """Width of the text embeddings the transformer takes."""
 
     @abstractmethod
-    def comfyui_lora_key(self, diffusers_key: str) -> str:
-        """ComfyUI's name for a LoRA tensor named as in diffusers (e.g. blocks.0.attn1.to_q.lora_A.weight)."""
+    def comfyui_modules(self, transformer: nn.Module) -> dict[str, str]:
+        """ComfyUI's LoRA name of every module of `transformer` that ComfyUI's loader patches.
+
+        Maps diffusers module names (blocks.0.attn1.to_q) to the names ComfyUI reads
+        (diffusion_model.blocks.0.self_attn.q). ComfyUI skips LoRA layers under any other name with
+        only a log line, so a module left out here must not be exported.
+        """
 
     @abstractmethod
     def tiny_vae_config(self) -> dict:

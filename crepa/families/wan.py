@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -19,9 +20,35 @@ def _latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, tor
     return mean, std
 
 
-_COMFYUI_NAMES = (
-    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_q.", ".q."), (".to_k.", ".k."),
-    (".to_v.", ".v."), (".to_out.0.", ".o."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+# diffusers module (a full-name pattern) -> the module of ComfyUI's native Wan model (comfy/ldm/wan/model.py).
+# These are all the layers a LoRA can wrap: the Conv3d patch embedding and every Linear. Norms and the
+# modulation tables (scale_shift_table, native `modulation`) are no LoRA targets.
+_COMFYUI_MODULES = (
+    (r"patch_embedding", r"patch_embedding"),
+    (r"condition_embedder\.text_embedder\.linear_1", r"text_embedding.0"),
+    (r"condition_embedder\.text_embedder\.linear_2", r"text_embedding.2"),
+    (r"condition_embedder\.time_embedder\.linear_1", r"time_embedding.0"),
+    (r"condition_embedder\.time_embedder\.linear_2", r"time_embedding.2"),
+    (r"condition_embedder\.time_proj", r"time_projection.1"),
+    (r"blocks\.(\d+)\.attn1\.to_q", r"blocks.\1.self_attn.q"),
+    (r"blocks\.(\d+)\.attn1\.to_k", r"blocks.\1.self_attn.k"),
+    (r"blocks\.(\d+)\.attn1\.to_v", r"blocks.\1.self_attn.v"),
+    (r"blocks\.(\d+)\.attn1\.to_out\.0", r"blocks.\1.self_attn.o"),
+    (r"blocks\.(\d+)\.attn2\.to_q", r"blocks.\1.cross_attn.q"),
+    (r"blocks\.(\d+)\.attn2\.to_k", r"blocks.\1.cross_attn.k"),
+    (r"blocks\.(\d+)\.attn2\.to_v", r"blocks.\1.cross_attn.v"),
+    (r"blocks\.(\d+)\.attn2\.to_out\.0", r"blocks.\1.cross_attn.o"),
+    (r"blocks\.(\d+)\.ffn\.net\.0\.proj", r"blocks.\1.ffn.0"),
+    (r"blocks\.(\d+)\.ffn\.net\.2", r"blocks.\1.ffn.2"),
+    (r"proj_out", r"head.head"),
+)
+# Image-to-video only: ComfyUI builds these when the weights hold an image embedder (`img_emb`), so a model
+# with image keys/values but no image embedder loads there as text-to-video, without k_img / v_img.
+_COMFYUI_IMAGE_MODULES = (
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", r"img_emb.proj.1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2", r"img_emb.proj.3"),
+    (r"blocks\.(\d+)\.attn2\.add_k_proj", r"blocks.\1.cross_attn.k_img"),
+    (r"blocks\.(\d+)\.attn2\.add_v_proj", r"blocks.\1.cross_attn.v_img"),
 )
 
 
@@ -80,12 +107,16 @@ class WanAdapter(FamilyAdapter):
     def text_embedding_dim(self, transformer: nn.Module) -> int:
         return self.unwrap(transformer).config.text_dim
 
-    def comfyui_lora_key(self, diffusers_key: str) -> str:
-        # the inverse of diffusers' conversion of original-Wan LoRAs
-        key = f".{diffusers_key}"
-        for ours, theirs in _COMFYUI_NAMES:
-            key = key.replace(ours, theirs)
-        return "diffusion_model" + key
+    def comfyui_modules(self, transformer: nn.Module) -> dict[str, str]:
+        model = self.unwrap(transformer)
+        table = _COMFYUI_MODULES + (_COMFYUI_IMAGE_MODULES if model.config.image_dim else ())
+        names = {}
+        for name, _ in model.named_modules():
+            for ours, theirs in table:
+                match = re.fullmatch(ours, name)
+                if match:
+                    names[name] = "diffusion_model." + match.expand(theirs)
+        return names
 
     def tiny_transformer_config(self) -> dict:
         return dict(

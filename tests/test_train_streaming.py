@@ -136,3 +136,22 @@ def test_two_ranks_train_from_local_shards(tmp_path, trained_cache, tiny_models)
                 "--cache", out, "--family", "wan", "--model", tiny_models["wan"], "--output-dir", run_dir, *TRAIN])
     assert "3 clips in 2 shards, 2 process(es)" in done.stdout
     assert os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
+
+
+def test_a_cache_of_several_families_needs_a_choice(tmp_path, trained_cache):
+    import shutil
+
+    from crepa.cache.store import CacheStore
+
+    cache = str(tmp_path / "cache")
+    shutil.copytree(trained_cache, cache)
+    store = CacheStore.open(cache, "a")
+    [plan] = store.plans().values()
+    store.write_plan("other", {**plan, "family": "ltxvideo"})
+    with pytest.raises(ValueError, match="families ltxvideo, wan; choose one with --family"):
+        default_family(cache)
+    done = subprocess.run([sys.executable, "-m", "crepa_cli", "cache", "export", cache, str(tmp_path / "shards")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "families ltxvideo, wan; choose one with --family" in done.stderr
+    run([sys.executable, "-m", "crepa_cli", "cache", "export", "--family", "wan", cache, str(tmp_path / "shards")])
+    assert read_index(str(tmp_path / "shards")).meta["family"] == "wan"

@@ -99,7 +99,7 @@ class WebDatasetClips(IterableDataset):
     Every rank shuffles the shard list with (seed, epoch) the same way; slot rank * workers + worker of the
     ranks x loader workers slots takes shards[slot::slots]. With fewer shards than slots, every slot reads all
     shards and keeps samples[slot::slots] instead. A slot that runs out of samples before its share of batches
-    reads its shards again (reshuffled); one with more stops at its share, so no rank waits at an all-reduce.
+    reads its shards again (samples reshuffled); one with more stops at its share, so no rank waits at an all-reduce.
     Each sample appears num_repeats (its own, from its json) x `num_repeats` times per pass.
     """
 

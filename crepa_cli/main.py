@@ -79,19 +79,30 @@ def cache_verify(cache: str) -> None:
 @click.argument("cache")
 @click.argument("out_dir")
 @click.option("--format", "fmt", type=click.Choice(["wds"]), default="wds", help="Export format.")
-@click.option("--family", required=True, help="Family whose training view is exported.")
+@click.option("--family", help="Family whose training view is exported (default: the cache's only family).")
 @click.option("--encoder", help="Teacher set to include (needed when the cache holds several).")
 @click.option("--no-teacher", is_flag=True, help="Export latents and text only.")
 @click.option("--maxcount", default=1000, type=int, help="Samples per shard.")
 @click.option("--maxsize", default=2**30, type=int, help="Bytes per shard.")
-def cache_export(cache: str, out_dir: str, fmt: str, family: str, encoder: str | None, no_teacher: bool,
-                 maxcount: int, maxsize: int) -> None:
-    """Write the training view as webdataset tar shards (one sample per clip)."""
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in OUT_DIR (its old shards are removed).")
+def cache_export(cache: str, out_dir: str, fmt: str, family: str | None, encoder: str | None, no_teacher: bool,
+                 maxcount: int, maxsize: int, overwrite: bool) -> None:
+    """Write the training view as webdataset tar shards (one sample per clip) and their index shards.json."""
     from crepa.cache.export import export_view
 
     shards = export_view(cache, out_dir, family=family, encoder=encoder, with_teacher=not no_teacher,
-                         maxcount=maxcount, maxsize=maxsize)
-    click.echo(f"wrote {len(shards)} shards to {out_dir}")
+                         maxcount=maxcount, maxsize=maxsize, overwrite=overwrite)
+    click.echo(f"wrote {len(shards)} shards and their index to {out_dir}")
+
+
+@cache_group.command("index")
+@click.argument("shards")
+def cache_index(shards: str) -> None:
+    """Count the samples of the *.tar shards in SHARDS (a folder or URL) into its shards.json index."""
+    from crepa.cache.wds import write_index_for
+
+    index = write_index_for(shards)
+    click.echo(f"{index.url}: {len(index.urls)} shards, {sum(index.nsamples)} samples")
 
 
 @main.command("demo")

@@ -22,7 +22,7 @@ class TrainConfig:
     cache: str = ""
     """Cache directory/URL (Zarr) or a folder / brace pattern of webdataset shards."""
     family: str = ""
-    """Model family: wan, ..."""
+    """Model family: wan, ... (default: the family the cache was made for)."""
     model: str = ""
     """Diffusers pipeline folder or hub id; only its transformer/ is loaded."""
     transformer: str | None = None
@@ -165,7 +165,7 @@ class TrainConfig:
 
     def require_paths(self) -> None:
         """The three locations every run needs, checked once options from all sources are merged."""
-        for name in ("cache", "family", "model", "output_dir"):
+        for name in ("cache", "model", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"--{_flag(name)} is required (on the command line or in --config)")
 

@@ -5,32 +5,27 @@ Every sample carries its clip key; latents, teacher and text are joined by key i
 
 from __future__ import annotations
 
-import glob
 import math
-import os
+import posixpath
+import random
 from collections.abc import Iterator
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView, ViewClip
+from crepa.cache.wds import INDEX_NAME, decoded, shard_samples
 
 
 def is_webdataset(cache: str) -> bool:
-    """A folder of .tar shards, a .tar file or a brace pattern is streamed; anything else is a Zarr cache."""
-    if cache.endswith(".tar") or "{" in cache:
+    """A folder (path or URL) of .tar shards or with a shard index, the index itself, a .tar or a brace pattern."""
+    if cache.endswith((".tar", ".json")) or "{" in cache:
         return True
-    return os.path.isdir(cache) and bool(glob.glob(os.path.join(cache, "*.tar")))
-
-
-def shard_urls(cache: str) -> list[str]:
-    if os.path.isdir(cache):
-        return sorted(glob.glob(os.path.join(cache, "*.tar")))
-    import braceexpand
-
-    return list(braceexpand.braceexpand(cache))
+    fs, root = fsspec.core.url_to_fs(cache)
+    return fs.exists(posixpath.join(root, INDEX_NAME)) or bool(fs.glob(posixpath.join(root, "*.tar")))
 
 
 class ZarrClips(Dataset):
@@ -99,43 +94,85 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 class WebDatasetClips(IterableDataset):
-    """Streams exported shards; shards are split across ranks and workers, batches keep one bucket."""
+    """Streams exported shards: exactly `batches_per_epoch` batches per rank and epoch, each of one bucket.
 
-    def __init__(self, urls: list[str], batch_size: int, seed: int, with_teacher: bool, buffer: int = 64):
+    Every rank shuffles the shard list with (seed, epoch) the same way; slot rank * workers + worker of the
+    ranks x loader workers slots takes shards[slot::slots]. With fewer shards than slots, every slot reads all
+    shards and keeps samples[slot::slots] instead. A slot that runs out of samples before its share of batches
+    reads its shards again (samples reshuffled); one with more stops at its share, so no rank waits at an all-reduce.
+    Each sample appears num_repeats (its own, from its json) x `num_repeats` times per pass.
+    """
+
+    def __init__(self, urls: list[str], batch_size: int, seed: int, with_teacher: bool, *, batches_per_epoch: int,
+                 rank: int = 0, world: int = 1, num_repeats: int = 1, buffer: int = 64):
         if not urls:
             raise ValueError("no webdataset shards found; export them with `crepa cache export --format wds`")
-        self.urls = urls
-        self.batch_size = batch_size
-        self.seed = seed
-        self.with_teacher = with_teacher
-        self.buffer = buffer
+        self.urls, self.batch_size, self.seed, self.with_teacher = urls, batch_size, seed, with_teacher
+        self.batches_per_epoch, self.rank, self.world = batches_per_epoch, rank, world
+        self.num_repeats, self.buffer = num_repeats, buffer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[dict]]:
-        import webdataset as wds
+        info = get_worker_info()
+        return self.slot_batches(info.id if info else 0, info.num_workers if info else 1)
 
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls, seed=self.seed + self.epoch),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
-            wds.shuffle(self.buffer, seed=self.seed + self.epoch),
-            wds.decode(),
-        )
+    def slot_shards(self, worker: int, workers: int) -> tuple[list[str], int, int]:
+        """(shards this rank's `worker` reads, its sample slot, sample slots) in this epoch."""
+        slots, slot = self.world * workers, self.rank * workers + worker
+        order = list(self.urls)
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        if len(order) >= slots:
+            return order[slot::slots], 0, 1
+        return order, slot, slots
+
+    def slot_batches(self, worker: int, workers: int) -> Iterator[list[dict]]:
+        """This rank's `worker`'s share of the epoch's batches; the workers' shares add up to batches_per_epoch."""
+        quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        urls, keep, keep_every = self.slot_shards(worker, workers)
         pending: dict[str, list[dict]] = {}
-        for sample in pipeline:
-            if self.with_teacher and "teacher.npy" not in sample:
-                raise ValueError(f"shard sample {sample['__key__']} has no teacher.npy; export with the teacher "
-                                 "or train with --crepa-use-backbone-features / --no-crepa-enabled")
-            record = {"key": sample["__key__"], "latents": sample["latents.npy"], "text": sample["text.npy"],
-                      "teacher": sample.get("teacher.npy") if self.with_teacher else None}
-            group = pending.setdefault(sample["json"]["group"], [])
-            group.append(to_tensors(record))
-            if len(group) == self.batch_size:
-                yield pending.pop(sample["json"]["group"])
+        produced = passes = 0
+        while produced < quota:
+            seen = 0
+            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{passes}")
+            for sample in self._shuffled(self._repeated(urls, keep, keep_every), rng):
+                seen += 1
+                group = pending.setdefault(sample["json"]["group"], [])
+                group.append(self._record(sample))
+                if len(group) == self.batch_size:
+                    yield pending.pop(sample["json"]["group"])
+                    produced += 1
+                    if produced == quota:
+                        return
+            if not seen:
+                raise ValueError(f"rank {self.rank} loader worker {worker} got no samples from {len(urls)} shard(s); "
+                                 "use fewer ranks or --dataloader-num-workers, or export more clips")
+            passes += 1
+
+    def _repeated(self, urls: list[str], keep: int, keep_every: int) -> Iterator[dict]:
+        kept = (s for i, s in enumerate(shard_samples(urls)) if i % keep_every == keep)
+        for sample in decoded(kept):
+            for _ in range(int(sample["json"].get("num_repeats", 1)) * self.num_repeats):
+                yield sample
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """A shuffle buffer of `buffer` samples: neighbours in a shard (and repeats of one clip) spread out."""
+        buffer: list[dict] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _record(self, sample: dict) -> dict:
+        if self.with_teacher and "teacher.npy" not in sample:
+            raise ValueError(f"shard sample {sample['__key__']} has no teacher.npy; export with the teacher "
+                             "or train with --crepa-use-backbone-features / --no-crepa-enabled")
+        return to_tensors({"key": sample["__key__"], "latents": sample["latents.npy"], "text": sample["text.npy"],
+                           "teacher": sample.get("teacher.npy") if self.with_teacher else None})
 
 
 def collate(samples: list[dict], text_length: int) -> dict:

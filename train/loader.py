@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import functools
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
-from crepa.cache.wds import iter_webdataset
+from crepa.cache.export import cache_family
+from crepa.cache.store import CacheStore
+from crepa.cache.wds import ShardIndex, iter_webdataset, read_index
+from crepa.encoders import resolve_encoder
 from train.config import TrainConfig
-from train.data import BucketBatchSampler, WebDatasetClips, ZarrClips, collate, is_webdataset, shard_urls
+from train.data import BucketBatchSampler, WebDatasetClips, ZarrClips, collate, is_webdataset
 
 
 @dataclass
 class TrainData:
     """Shapes the model must accept, and a way to iterate batches from any (epoch, position)."""
 
-    clips: list
+    clips: int
     incomplete: int
     latent_channels: int
     latent_frames: int
@@ -29,6 +31,14 @@ class TrainData:
     teacher_frames: int | None
     batches_per_epoch: int
     loader_for_epoch: object = field(repr=False)
+    shards: int = 0
+    """Webdataset shards streamed (0: a Zarr cache)."""
+
+    def describe(self) -> str:
+        """The start-up line's account of the data."""
+        if self.shards:
+            return f"{self.clips} clips in {self.shards} shards"
+        return f"{self.clips} clips ({self.incomplete} incomplete skipped)"
 
     def iterate(self, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict]]:
         """(epoch, micro-batches consumed in it, batch) forever, starting after `consumed` in `epoch`."""
@@ -44,6 +54,16 @@ def loader_kwargs(cfg: TrainConfig) -> dict:
     workers = cfg.dataloader_num_workers
     return {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
             "prefetch_factor": 4 if workers else None, "persistent_workers": workers > 0}
+
+
+def default_family(cache: str) -> str:
+    """The family the cache (Zarr store or shards) was made for; an error names them when there are several."""
+    if is_webdataset(cache):
+        family = read_index(cache).meta.get("family")
+        if not family:
+            raise ValueError(f"the shard index of {cache} records no family; pass --family")
+        return family
+    return cache_family(CacheStore.open(cache))
 
 
 def build_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
@@ -75,7 +95,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     sampler.set_epoch(0)
     first = dataset[0]  # shapes the model must accept; check_compatibility compares them before step 0
     return TrainData(
-        clips=dataset.clips, incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
+        clips=len(dataset.clips), incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
         latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,
         teacher_dim=first["teacher"].shape[-1] if "teacher" in first else None,
         teacher_frames=first["teacher"].shape[0] if "teacher" in first else None,
@@ -83,18 +103,37 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     )
 
 
-def _count_samples(urls: list[str]) -> int:
-    count = 0
-    for url in urls:
-        with tarfile.open(url) as tar:
-            count += sum(1 for member in tar.getmembers() if member.name.endswith(".json"))
-    return count
+def check_shards(index: ShardIndex, cfg: TrainConfig, with_teacher: bool) -> None:
+    """The shards were made for this family and hold the teacher set asked for, checked before any model loads."""
+    meta = index.meta
+    if meta.get("family") and meta["family"] != cfg.family:
+        raise ValueError(f"shards of {cfg.cache} were exported for family {meta['family']}, not --family "
+                         f"{cfg.family}; pass --family {meta['family']} or export the {cfg.family} view")
+    if not with_teacher:
+        return
+    if "teacher_set" in meta and not meta["teacher_set"]:
+        raise ValueError(f"shards of {cfg.cache} carry no teacher features; export them with the teacher or train "
+                         "with --crepa-use-backbone-features / --no-crepa-enabled")
+    if cfg.crepa_encoder:
+        have = {meta.get("encoder"), meta.get("encoder_path"), meta.get("teacher_set")} - {None}
+        if not have & {cfg.crepa_encoder, resolve_encoder(cfg.crepa_encoder)}:
+            raise ValueError(f"shards of {cfg.cache} hold teacher set {meta.get('teacher_set')} (encoder "
+                             f"{meta.get('encoder')}), not --crepa-encoder {cfg.crepa_encoder}; export the shards "
+                             "with that encoder or drop --crepa-encoder")
 
 
 def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
-    urls = shard_urls(cfg.cache)
-    stream = WebDatasetClips(urls, cfg.batch_size, cfg.seed, with_teacher)
-    first = next(iter_webdataset(urls[:1]))  # shapes and text length from the first sample
+    index = read_index(cfg.cache)
+    check_shards(index, cfg, with_teacher)
+    slots = world * max(1, cfg.dataloader_num_workers)
+    if sum(index.nsamples) < slots:
+        raise ValueError(f"{index.url} holds {sum(index.nsamples)} samples, too few for {world} rank(s) x "
+                         f"{max(1, cfg.dataloader_num_workers)} loader worker(s); use fewer of either")
+    total = sum(index.repeated) * cfg.num_repeats
+    batches_per_epoch = max(1, total // (cfg.batch_size * world))
+    stream = WebDatasetClips(index.urls, cfg.batch_size, cfg.seed, with_teacher, batches_per_epoch=batches_per_epoch,
+                             rank=rank, world=world, num_repeats=cfg.num_repeats)
+    first = next(iter_webdataset(index.urls[:1]))  # shapes and text length from the first sample
     meta, latents, text, teacher = first["json"], first["latents.npy"], first["text.npy"], first.get("teacher.npy")
     if with_teacher and teacher is None:
         raise ValueError(f"shards in {cfg.cache} carry no teacher features; export them with the teacher")
@@ -107,11 +146,10 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
                             **(loader_kwargs(cfg) | {"persistent_workers": False}))
         return (batch for index, batch in enumerate(loader) if index >= consumed)
 
-    total = _count_samples(urls) * cfg.num_repeats
     return TrainData(
-        clips=urls, incomplete=0, latent_channels=latents.shape[0], latent_frames=latents.shape[1],
+        clips=sum(index.nsamples), incomplete=0, latent_channels=latents.shape[0], latent_frames=latents.shape[1],
         text_dim=text.shape[-1], text_length=text_length,
         teacher_dim=teacher.shape[-1] if teacher is not None else None,
         teacher_frames=teacher.shape[0] if teacher is not None else None,
-        batches_per_epoch=max(1, total // (cfg.batch_size * world)), loader_for_epoch=loader_for_epoch,
+        batches_per_epoch=batches_per_epoch, loader_for_epoch=loader_for_epoch, shards=len(index.urls),
     )

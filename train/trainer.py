@@ -22,7 +22,7 @@ from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
 from train.flow_matching import noisy_input, sample_sigmas, timesteps_from_sigmas
-from train.loader import TrainData, build_data
+from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
 
@@ -130,6 +130,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     from diffusers.optimization import get_scheduler
 
     cfg.require_paths()
+    cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -182,7 +183,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         schedule.load_state_dict(state["crepa_schedule"])
     if main:
         cfg.save(os.path.join(cfg.output_dir, "train_config.json"))
-        print(f"{len(data.clips)} clips ({data.incomplete} incomplete skipped), {world} process(es) x batch "
+        print(f"{data.describe()}, {world} process(es) x batch "
               f"{cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} = "
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
               f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "

@@ -9,6 +9,19 @@ from crepa.cache.view import CacheView
 from crepa.cache.wds import export_webdataset
 
 
+def cache_family(store: CacheStore, family: str | None = None) -> str:
+    """`family`, or the one family the cache's plans were made for; several need a choice."""
+    if family:
+        return family
+    families = sorted({plan["family"] for plan in store.plans().values()})
+    if not families:
+        raise ValueError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
+    if len(families) > 1:
+        raise ValueError(f"cache {store.url} holds clips for families {', '.join(families)}; choose one with "
+                         f"--family")
+    return families[0]
+
+
 def view_samples(view: CacheView) -> Iterator[dict]:
     """One webdataset sample per complete clip, keyed by its clip key."""
     for clip in view.clips:
@@ -24,8 +37,23 @@ def view_samples(view: CacheView) -> Iterator[dict]:
         yield sample
 
 
-def export_view(cache: str, out_dir: str, *, family: str, encoder: str | None = None, with_teacher: bool = True,
-                maxcount: int = 1000, maxsize: int = 2**30) -> list[str]:
-    """Shards `cache-000000.tar`, ... under `out_dir`; returns their paths."""
-    view = CacheView(CacheStore.open(cache), family, encoder, with_teacher)
-    return export_webdataset(view_samples(view), out_dir, maxcount=maxcount, maxsize=maxsize)
+def view_meta(view: CacheView) -> dict:
+    """What the shards were made for, written into their index and checked by the trainer before step 0."""
+    teacher = view.teacher.attrs if view.teacher is not None else {}
+    return {"family": view.family, "latents_set": view.latents.fingerprint, "text_set": view.text.fingerprint,
+            "text_max_length": view.text.attrs["max_length"],
+            "teacher_set": view.teacher.fingerprint if view.teacher is not None else None,
+            "encoder": teacher.get("encoder"), "encoder_path": teacher.get("encoder_path")}
+
+
+def export_view(cache: str, out_dir: str, *, family: str | None = None, encoder: str | None = None,
+                with_teacher: bool = True, maxcount: int = 1000, maxsize: int = 2**30,
+                overwrite: bool = False) -> list[str]:
+    """Shards `cache-000000.tar`, ... and their index `shards.json` under `out_dir`; returns the shards' URLs.
+
+    The family defaults to the cache's own (an error lists them when it holds several).
+    """
+    store = CacheStore.open(cache)
+    view = CacheView(store, cache_family(store, family), encoder, with_teacher)
+    return export_webdataset(view_samples(view), out_dir, maxcount=maxcount, maxsize=maxsize, meta=view_meta(view),
+                             overwrite=overwrite)

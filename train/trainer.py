@@ -124,6 +124,24 @@ def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
+def optimizer_step(accelerator, optimizer, lr_scheduler, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the accumulated gradients and step; a non-finite gradient skips the update. Returns the grad norm.
+
+    Under an fp16 grad scaler the optimizer steps every time: the scaler skips a non-finite update itself and
+    lowers its scale, and it must see every step, or the next unscale finds it still holding this one.
+    """
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    if accelerator.scaler is not None:
+        optimizer.step()
+        if not optimizer.step_was_skipped:
+            lr_scheduler.step()
+    elif torch.isfinite(grad_norm):  # the step's one host sync before stepping
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -207,11 +225,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=device) / \
                     cfg.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-        if torch.isfinite(grad_norm):  # the step's one host sync before stepping
-            optimizer.step()
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, params, cfg.max_grad_norm or math.inf)
         if "crepa_alignment_score" in sums and cfg.crepa_similarity_threshold is not None:
             schedule.observe(float(accelerator.reduce(sums["crepa_alignment_score"], "mean")))
         step += 1

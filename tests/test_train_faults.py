@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from train.trainer import optimizer_step
+from test_train import train_config
+
+from train.trainer import optimizer_step, run_train
 
 
 @pytest.fixture
@@ -52,3 +54,23 @@ def test_fp16_overflow_skips_the_step_and_training_goes_on(fresh_accelerate_stat
     assert torch.isfinite(norm)
     assert not torch.equal(before[0], params[0])
     assert lr_scheduler.last_epoch == 1
+
+
+def test_crepa_scores_and_backward_run_in_fp32_outside_autocast(tmp_path, trained_cache, tiny_models, monkeypatch,
+                                                               fresh_accelerate_state):
+    import train.trainer
+    from crepa.loss import crepa_scores
+
+    seen = []
+
+    def observed(*args, **kwargs):
+        scores = crepa_scores(*args, **kwargs)
+        seen.append(("scores", torch.is_autocast_enabled("cpu"), scores.per_video.dtype))
+        scores.per_video.register_hook(lambda grad: seen.append(("backward", torch.is_autocast_enabled("cpu"),
+                                                                 grad.dtype)))
+        return scores
+
+    monkeypatch.setattr(train.trainer, "crepa_scores", observed)
+    run_train(train_config(trained_cache, tiny_models, str(tmp_path / "run"), max_train_steps=1,
+                           mixed_precision="bf16"))
+    assert seen == [("scores", False, torch.float32), ("backward", False, torch.float32)]

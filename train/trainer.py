@@ -51,7 +51,11 @@ class StepParts:
 
 
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics)."""
+    """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
+
+    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` wraps it);
+    the losses, the projector and the CREPA scores run in fp32 outside it.
+    """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
     # noise and sigmas come from the run's own generator on the device: reproducible, no host copies
@@ -219,7 +223,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             else:
                 wait_total += time.perf_counter() - fetch
             sync = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext(), accelerator.autocast():
+            with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext():
                 loss, metrics = train_step(parts, batch, step, device)
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
             for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here

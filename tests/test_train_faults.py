@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
+from test_train import train_config
 from torch import nn
 
-from test_train import train_config
-
+from train.metrics import read_metrics
 from train.trainer import optimizer_step, run_train
 
 
@@ -74,3 +77,65 @@ def test_crepa_scores_and_backward_run_in_fp32_outside_autocast(tmp_path, traine
     run_train(train_config(trained_cache, tiny_models, str(tmp_path / "run"), max_train_steps=1,
                            mixed_precision="bf16"))
     assert seen == [("scores", False, torch.float32), ("backward", False, torch.float32)]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, trained_cache, tiny_models) -> str:
+    """A 4-step run logging every step, with checkpoint-2 and checkpoint-4."""
+    out = str(tmp_path_factory.mktemp("checkpointed") / "run")
+    run_train(train_config(trained_cache, tiny_models, out, checkpointing_steps=2, log_every=1))
+    return out
+
+
+def resume_from_copy(tmp_path, run: str, trained_cache, tiny_models, **kw) -> str:
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run, copy)
+    run_train(train_config(trained_cache, tiny_models, copy, resume=os.path.join(copy, "checkpoint-2"),
+                           checkpointing_steps=2, log_every=1, **kw))
+    return copy
+
+
+def test_metrics_log_has_each_step_once_after_a_resume(tmp_path, checkpointed_run, trained_cache, tiny_models):
+    resumed = resume_from_copy(tmp_path, checkpointed_run, trained_cache, tiny_models)
+    assert [row["step"] for row in read_metrics(os.path.join(resumed, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+class WritesMarker:
+    """Unpickling this runs code: it writes a file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_holding_code_is_refused(tmp_path, checkpointed_run, trained_cache, tiny_models):
+    marker = tmp_path / "marker"
+    copy = str(tmp_path / "copy")
+    shutil.copytree(checkpointed_run, copy)
+    torch.save({"optimizer": WritesMarker(str(marker))}, os.path.join(copy, "checkpoint-2", "optimizer.pt"))
+    with pytest.raises(ValueError, match=r"optimizer\.pt holds more than tensors and plain values"):
+        run_train(train_config(trained_cache, tiny_models, copy, resume=os.path.join(copy, "checkpoint-2")))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_rank0.pt", "trainable.safetensors", "trainer_state.json"])
+def test_truncated_checkpoint_file_names_the_file(tmp_path, checkpointed_run, trained_cache, tiny_models, name):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(checkpointed_run, copy)
+    path = os.path.join(copy, "checkpoint-2", name)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match=rf"{name} is damaged .*resume from another checkpoint"):
+        run_train(train_config(trained_cache, tiny_models, copy, resume=os.path.join(copy, "checkpoint-2")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_restores_the_cuda_rng(tmp_path, checkpointed_run, trained_cache, tiny_models):
+    from train.checkpoint import load_rng_state, save_rng_state
+
+    save_rng_state(str(tmp_path), 0)
+    expected = torch.rand(4, device="cuda")
+    load_rng_state(str(tmp_path), 0)
+    torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)

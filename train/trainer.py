@@ -207,7 +207,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
               f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
               f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params")
-    log = MetricsLog(cfg.output_dir, cfg.report_to, main)
+    log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=step)
     batches = data.iterate(epoch, consumed)
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not main)
     wait_total, wall_start = 0.0, None

@@ -30,7 +30,7 @@ def save_projector(projector: nn.Module, folder: str) -> str:
 
 
 def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    trainer_state: dict, rank: int, generator: torch.Generator) -> None:
+                    trainer_state: dict, rank: int) -> None:
     """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint."""
     tmp = f"{folder}.tmp"
     if rank == 0:
@@ -44,7 +44,7 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=2)
     _barrier()
-    save_rng_state(tmp, rank, generator)
+    save_rng_state(tmp, rank)
     _barrier()
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
@@ -53,7 +53,7 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
 
 
 def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    rank: int, generator: torch.Generator) -> dict:
+                    rank: int) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the trainer state."""
     state = _read(os.path.join(folder, "trainable.safetensors"), load_file)
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
@@ -72,22 +72,21 @@ def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
     saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
     optimizer.load_state_dict(saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    load_rng_state(folder, rank, generator)
+    load_rng_state(folder, rank)
     return _read(os.path.join(folder, "trainer_state.json"), _load_json)
 
 
-def save_rng_state(folder: str, rank: int, generator: torch.Generator) -> None:
-    """This rank's CPU and CUDA generators and the step generator, as tensors."""
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+def save_rng_state(folder: str, rank: int) -> None:
+    """This rank's CPU and CUDA generators (LoRA dropout draws from them), as tensors."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     torch.save(state, os.path.join(folder, f"rng_rank{rank}.pt"))
 
 
-def load_rng_state(folder: str, rank: int, generator: torch.Generator) -> None:
+def load_rng_state(folder: str, rank: int) -> None:
     rng = _read(os.path.join(folder, f"rng_rank{rank}.pt"), _load_tensors)
     torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["generator"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train import train_config
 from torch import nn
 
@@ -57,6 +59,39 @@ def test_fp16_overflow_skips_the_step_and_training_goes_on(fresh_accelerate_stat
     assert torch.isfinite(norm)
     assert not torch.equal(before[0], params[0])
     assert lr_scheduler.last_epoch == 1
+
+
+def poison_second_batch(build_data):
+    """build_data whose second micro-batch has infinite latents: that step's gradients are not finite."""
+
+    def build(*args):
+        data = build_data(*args)
+        clean = data.iterate
+
+        def iterate(epoch: int, consumed: int):
+            for index, (at_epoch, at_consumed, batch) in enumerate(clean(epoch, consumed)):
+                poison = {"latents": torch.full_like(batch["latents"], float("inf"))} if index == 1 else {}
+                yield at_epoch, at_consumed, batch | poison
+
+        data.iterate = iterate
+        return data
+
+    return build
+
+
+@pytest.mark.parametrize("precision", ["no", pytest.param("fp16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="accelerate has no fp16 grad scaler on CPU"))])
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, trained_cache, tiny_models, monkeypatch,
+                                                           fresh_accelerate_state, precision):
+    import train.trainer
+
+    monkeypatch.setattr(train.trainer, "build_data", poison_second_batch(train.trainer.build_data))
+    out = str(tmp_path / "run")
+    result = run_train(train_config(trained_cache, tiny_models, out, log_every=1, mixed_precision=precision))
+    norms = [row["grad_norm"] for row in read_metrics(os.path.join(out, "metrics.jsonl"))]
+    assert result.steps == 4 and not math.isfinite(norms[1]) and all(map(math.isfinite, norms[2:]))
+    weights = load_file(os.path.join(out, "checkpoint-4", "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_crepa_scores_and_backward_run_in_fp32_outside_autocast(tmp_path, trained_cache, tiny_models, monkeypatch,

@@ -72,7 +72,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
 
     Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` wraps it);
-    the losses, the projector and the CREPA scores run in fp32 outside it.
+    the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
@@ -97,7 +97,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
         student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
         teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
     flow = F.mse_loss(prediction.float(), target.float())
-    with torch.set_grad_enabled(weight > 0.0):
+    with torch.set_grad_enabled(weight > 0.0), torch.autocast(device.type, enabled=False):
         scores = crepa_scores(
             parts.projector(student), teacher.float(), distance=cfg.crepa_adjacent_distance,
             tau=cfg.crepa_adjacent_tau, cumulative=cfg.crepa_cumulative_neighbors,

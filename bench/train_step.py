@@ -100,6 +100,7 @@ class StepBench:
             self.batch["teacher"] = cached.to(torch.float16).cpu()
         if device.type == "cuda":
             self.batch = {name: value.pin_memory() for name, value in self.batch.items()}
+        self.batch["keys"] = [f"clip{i}" for i in range(len(self.batch["latents"]))]
 
         block = min(8, preset.dit_layers - 1)
         self.parts = {name: self._parts(name != "a", block) for name in variants}
@@ -109,7 +110,7 @@ class StepBench:
     def _parts(self, crepa: bool, block: int) -> StepParts:
         config = TrainConfig(crepa_enabled=crepa, crepa_block_index=block)
         return StepParts(self.adapter, self.transformer, self.projector, CrepaWeightSchedule(config.schedule_config()),
-                         config, self.adapter.default_flow_shift, torch.Generator(self.device).manual_seed(0))
+                         config, self.adapter.default_flow_shift)
 
     @torch.no_grad()
     def online_teacher(self) -> torch.Tensor:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import shutil
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,7 +30,7 @@ def save_projector(projector: nn.Module, folder: str) -> str:
 
 
 def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    trainer_state: dict, rank: int, generator: torch.Generator) -> None:
+                    trainer_state: dict, rank: int) -> None:
     """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint."""
     tmp = f"{folder}.tmp"
     if rank == 0:
@@ -42,8 +44,7 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=2)
     _barrier()
-    torch.save({"torch": torch.get_rng_state(), "generator": generator.get_state()},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    save_rng_state(tmp, rank)
     _barrier()
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
@@ -52,9 +53,9 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
 
 
 def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    rank: int, generator: torch.Generator) -> dict:
+                    rank: int) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the trainer state."""
-    state = load_file(os.path.join(folder, "trainable.safetensors"))
+    state = _read(os.path.join(folder, "trainable.safetensors"), load_file)
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
     if missing:
         raise ValueError(f"checkpoint {folder} does not match this model (missing {missing[0]} ...); "
@@ -67,15 +68,51 @@ def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
         projector_path = os.path.join(folder, PROJECTOR_WEIGHTS)
         if not os.path.exists(projector_path):
             raise ValueError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
-        projector.load_state_dict(load_file(projector_path))
-    saved = torch.load(os.path.join(folder, "optimizer.pt"), weights_only=False)
+        projector.load_state_dict(_read(projector_path, load_file))
+    saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
     optimizer.load_state_dict(saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    rng = torch.load(os.path.join(folder, f"rng_rank{rank}.pt"), weights_only=False)
+    load_rng_state(folder, rank)
+    return _read(os.path.join(folder, "trainer_state.json"), _load_json)
+
+
+def save_rng_state(folder: str, rank: int) -> None:
+    """This rank's CPU and CUDA generators (LoRA dropout draws from them), as tensors."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, os.path.join(folder, f"rng_rank{rank}.pt"))
+
+
+def load_rng_state(folder: str, rank: int) -> None:
+    rng = _read(os.path.join(folder, f"rng_rank{rank}.pt"), _load_tensors)
     torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["generator"])
-    with open(os.path.join(folder, "trainer_state.json")) as f:
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _load_tensors(path: str):
+    # weights_only: unpickling anything else could run code from whoever wrote the folder
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_json(path: str) -> dict:
+    with open(path) as f:
         return json.load(f)
+
+
+def _read(path: str, load):
+    """`load(path)`, with one clear error for a file that is missing, damaged or holds more than data."""
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint file {path} is missing; resume from another checkpoint-N folder")
+    try:
+        return load(path)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} holds more than tensors and plain values, which this tool never writes; "
+                         "refusing to load it (unpickling it could run code): resume from a checkpoint you trust"
+                         ) from error
+    except (RuntimeError, EOFError, OSError, SafetensorError, ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged ({error}); resume from another checkpoint-N folder") from error
 
 
 def find_checkpoint(output_dir: str, resume: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -28,3 +30,24 @@ def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 def timesteps_from_sigmas(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """The timestep the denoiser is conditioned on: sigma on the scheduler's 0..1000 scale."""
     return sigmas * num_train_timesteps
+
+
+def clip_generator(seed: int, step: int, key: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, step, clip key).
+
+    A clip's noise and noise level at a step then do not depend on the rank, the batch or the accumulation
+    micro-step it lands in, and a resumed run draws exactly what the uninterrupted one drew.
+    """
+    digest = hashlib.sha256(f"{seed}/{step}/{key}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int, step: int, scheme: str, shift: float,
+                 logit_mean: float, logit_std: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise (B, *shape), sigmas (B,)) for the clips `keys`, each drawn from its own `clip_generator`."""
+    noises, sigmas = [], []
+    for key in keys:
+        generator = clip_generator(seed, step, key, device)
+        noises.append(torch.randn(shape, generator=generator, device=device))
+        sigmas.append(sample_sigmas(1, scheme, shift, generator, logit_mean, logit_std))
+    return torch.stack(noises), torch.cat(sigmas)

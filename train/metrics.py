@@ -10,16 +10,22 @@ PLOTTED = ("loss", "loss_flow", "crepa_loss", "crepa_alignment_score", "crepa_si
 
 
 class MetricsLog:
-    """Writes each logged step to tensorboard (when asked) and to metrics.jsonl."""
+    """Writes each logged step to tensorboard (when asked) and to metrics.jsonl.
 
-    def __init__(self, output_dir: str, report_to: str, enabled: bool):
+    A run starting at `start_step` (0, or the step it resumed from) first drops the rows logged after it,
+    so the steps it repeats are not logged twice.
+    """
+
+    def __init__(self, output_dir: str, report_to: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.writer = None
+        if enabled and os.path.exists(self.path):
+            _cut(self.path, start_step)
         if enabled and report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "logs"))
+            self.writer = SummaryWriter(os.path.join(output_dir, "logs"), purge_step=start_step + 1)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -33,6 +39,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _cut(path: str, step: int) -> None:
+    """Keep the rows up to `step`; written aside and renamed, so a crash keeps the old log."""
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(f"{path}.tmp", path)
 
 
 def read_metrics(path: str) -> list[dict]:

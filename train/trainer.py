@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
-from train.flow_matching import noisy_input, sample_sigmas, timesteps_from_sigmas
+from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
@@ -47,17 +46,40 @@ class StepParts:
     schedule: CrepaWeightSchedule
     config: TrainConfig
     shift: float
-    generator: torch.Generator
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint saves: the trainable modules, optimizer, schedules, and the position in the data."""
+
+    transformer: nn.Module
+    projector: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    schedule: CrepaWeightSchedule
+    step: int = 0
+    epoch: int = 0
+    consumed: int = 0
+    """Micro-batches taken from `epoch` so far."""
+
+    def position(self) -> dict:
+        """trainer_state.json: where the run stands."""
+        return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed,
+                "crepa_schedule": self.schedule.state_dict()}
 
 
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics)."""
+    """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
+
+    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` wraps it);
+    the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
+    """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
-    # noise and sigmas come from the run's own generator on the device: reproducible, no host copies
-    noise = torch.randn(latents.shape, generator=parts.generator, device=device)
-    sigmas = sample_sigmas(latents.shape[0], cfg.timestep_sampling, parts.shift, parts.generator, cfg.logit_mean,
-                           cfg.logit_std)
+    # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
+    # the same however the global batch is split over ranks and micro-steps
+    noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
+                                 parts.shift, cfg.logit_mean, cfg.logit_std, device)
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), batch["text"].to(device),
                                               batch["text_mask"].to(device))
@@ -75,7 +97,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
         student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
         teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
     flow = F.mse_loss(prediction.float(), target.float())
-    with torch.set_grad_enabled(weight > 0.0):
+    with torch.set_grad_enabled(weight > 0.0), torch.autocast(device.type, enabled=False):
         scores = crepa_scores(
             parts.projector(student), teacher.float(), distance=cfg.crepa_adjacent_distance,
             tau=cfg.crepa_adjacent_tau, cumulative=cfg.crepa_cumulative_neighbors,
@@ -124,6 +146,24 @@ def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
 
 
+def optimizer_step(accelerator, optimizer, lr_scheduler, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the accumulated gradients and step; a non-finite gradient skips the update. Returns the grad norm.
+
+    Under an fp16 grad scaler the optimizer steps every time: the scaler skips a non-finite update itself and
+    lowers its scale, and it must see every step, or the next unscale finds it still holding this one.
+    """
+    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    if accelerator.scaler is not None:
+        optimizer.step()
+        if not optimizer.step_was_skipped:
+            lr_scheduler.step()
+    elif torch.isfinite(grad_norm):  # the step's one host sync before stepping
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def run_train(cfg: TrainConfig) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -132,7 +172,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.require_paths()
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # LoRA and projector initialisation
@@ -167,20 +208,14 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
     else:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    trainables = [m for m in (transformer, projector) if m is not None]
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    generator = torch.Generator(device).manual_seed(cfg.seed * 7919 + rank)
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, cfg.flow_shift or adapter.default_flow_shift,
-                      generator)
+    parts = StepParts(adapter, transformer, projector, schedule, cfg, cfg.flow_shift or adapter.default_flow_shift)
+    state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
-    step, epoch, consumed = 0, 0, 0
     if cfg.resume:
-        folder = find_checkpoint(cfg.output_dir, cfg.resume)
-        state = load_checkpoint(folder, model=accelerator.unwrap_model(transformer),
-                                projector=accelerator.unwrap_model(projector) if projector else None,
-                                optimizer=optimizer, lr_scheduler=lr_scheduler, rank=rank, generator=generator)
-        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
-        schedule.load_state_dict(state["crepa_schedule"])
+        _resume(cfg, accelerator, state)
     if main:
         cfg.save(os.path.join(cfg.output_dir, "train_config.json"))
         print(f"{data.describe()}, {world} process(es) x batch "
@@ -188,54 +223,49 @@ def run_train(cfg: TrainConfig) -> TrainResult:
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
               f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
               f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params")
-    log = MetricsLog(cfg.output_dir, cfg.report_to, main)
-    batches = data.iterate(epoch, consumed)
-    bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not main)
+    log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=state.step)
+    batches = data.iterate(state.epoch, state.consumed)
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
     wait_total, wall_start = 0.0, None
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    while step < max_steps:
+    while state.step < max_steps:
         start = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.gradient_accumulation_steps):
+        for _ in range(cfg.gradient_accumulation_steps):
             fetch = time.perf_counter()
-            epoch, consumed, batch = next(batches)
+            state.epoch, state.consumed, batch = next(batches)
             if wall_start is None:  # the first batch pays for worker start-up; measure from here on
                 wall_start = time.perf_counter()
             else:
                 wait_total += time.perf_counter() - fetch
-            sync = micro == cfg.gradient_accumulation_steps - 1
-            with accelerator.no_sync(transformer) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                loss, metrics = train_step(parts, batch, step, device)
-                accelerator.backward(loss / cfg.gradient_accumulation_steps)
+            # one gradient all-reduce per optimizer step, for the transformer and the projector alike;
+            # backward divides the loss by the accumulation steps
+            with accelerator.accumulate(*trainables):
+                loss, metrics = train_step(parts, batch, state.step, device)
+                accelerator.backward(loss)
             for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=device) / \
                     cfg.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-        if torch.isfinite(grad_norm):  # the step's one host sync before stepping
-            optimizer.step()
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, params, cfg.max_grad_norm or math.inf)
         if "crepa_alignment_score" in sums and cfg.crepa_similarity_threshold is not None:
             schedule.observe(float(accelerator.reduce(sums["crepa_alignment_score"], "mean")))
-        step += 1
+        state.step += 1
         sums["grad_norm"] = grad_norm.float()
         values = dict(zip(sums, torch.stack(list(sums.values())).tolist(), strict=True))  # one copy to the host
         elapsed = time.perf_counter() - start
         values |= {"lr": lr_scheduler.get_last_lr()[0], "step_time": elapsed,
                    "samples_per_second": world * cfg.batch_size * cfg.gradient_accumulation_steps / elapsed}
-        if step % cfg.log_every == 0 or step == max_steps:
-            log.log(step, values)
+        if state.step % cfg.log_every == 0 or state.step == max_steps:
+            log.log(state.step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", crepa=f"{values.get('crepa_alignment_score', 0):.3f}")
         bar.update(1)
-        if step % cfg.checkpointing_steps == 0 and step < max_steps:
-            _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator,
-                        step, epoch, consumed)
+        if state.step % cfg.checkpointing_steps == 0 and state.step < max_steps:
+            _checkpoint(cfg, accelerator, state)
     bar.close()
     log.close()
-    _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator, step, epoch,
-                consumed)
+    _checkpoint(cfg, accelerator, state)
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
-    result = TrainResult(step, None, None, None, wait_total / steady if steady > 0 else 0.0)
+    result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
     if main:
         model = accelerator.unwrap_model(transformer)
         if cfg.full:
@@ -252,14 +282,22 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _checkpoint(cfg, accelerator, transformer, projector, optimizer, lr_scheduler, schedule, generator, step, epoch,
-                consumed) -> None:
-    folder = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    save_checkpoint(folder, model=accelerator.unwrap_model(transformer),
-                    projector=accelerator.unwrap_model(projector) if projector is not None else None,
-                    optimizer=optimizer, lr_scheduler=lr_scheduler, rank=accelerator.process_index,
-                    generator=generator,
-                    trainer_state={"step": step, "epoch": epoch, "consumed": consumed,
-                                   "crepa_schedule": schedule.state_dict()})
+def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState) -> None:
+    """checkpoint-<step> in the output folder, keeping the newest `checkpoints_total_limit`."""
+    save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"),
+                    model=accelerator.unwrap_model(state.transformer),
+                    projector=accelerator.unwrap_model(state.projector) if state.projector is not None else None,
+                    optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index,
+                    trainer_state=state.position())
     if accelerator.is_main_process:
         prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
+
+
+def _resume(cfg: TrainConfig, accelerator, state: TrainState) -> None:
+    """Restore `state` from the checkpoint `--resume` names."""
+    saved = load_checkpoint(find_checkpoint(cfg.output_dir, cfg.resume),
+                            model=accelerator.unwrap_model(state.transformer),
+                            projector=accelerator.unwrap_model(state.projector) if state.projector else None,
+                            optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index)
+    state.step, state.epoch, state.consumed = saved["step"], saved["epoch"], saved["consumed"]
+    state.schedule.load_state_dict(saved["crepa_schedule"])

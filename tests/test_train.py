@@ -177,8 +177,10 @@ def test_two_processes_train_the_weights_one_process_trains(tmp_path, trained_ca
     assert "2 process(es)" in done.stdout
     for name in (os.path.join("checkpoint-3", "trainable.safetensors"), "crepa_projector.safetensors"):
         expected, got = load_file(os.path.join(single, name)), load_file(os.path.join(out, name))
-        for key in expected:  # float32 sums in another order: DDP's average vs accumulation
-            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
+        # float32 sums in another order (DDP's average vs accumulation, thread counts): seen up to 1.1e-6 apart;
+        # splitting the global batch's noise by rank instead of by clip puts them 3e-3 apart
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=2e-5)
 
     rerun = str(tmp_path / "rerun")
     saved_config = os.path.join(out, "train_config.json")

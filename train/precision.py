@@ -87,13 +87,14 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) 
     Call it after freezing (and after adding LoRA, whose trainable layers it leaves alone), so the
     peak is the loaded bf16 model plus one layer. Returns how many layers were quantised.
     """
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not _skipped(model, name)
-               and not any(p.requires_grad for p in module.parameters())]
-    for name, module in targets:
+    names = [name for name, module in model.named_modules()
+             if type(module) is nn.Linear and not _skipped(model, name)
+             and not any(p.requires_grad for p in module.parameters())]
+    for name in names:  # names, not modules: each bf16 layer is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, Fp8Linear(module, compute_dtype))
-    return len(targets)
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Fp8Linear(getattr(parent, child), compute_dtype))
+    return len(names)
 
 
 def cast_inputs(model: nn.Module, dtype: torch.dtype) -> None:
@@ -111,8 +112,21 @@ def cast_inputs(model: nn.Module, dtype: torch.dtype) -> None:
     model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def own_fp32_tensors(model: nn.Module) -> None:
+    """Copy the fp32 tensors a narrow load kept (`_keep_in_fp32_modules`) out of the mapped checkpoint.
+
+    diffusers leaves them as views of the memory-mapped safetensors file, which keeps the whole file's
+    pages in this process's RSS; a copy of these few small tensors lets the mapping go.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype == torch.float32 and not tensor.requires_grad:
+            tensor.data = tensor.data.clone()
+
+
 def prepare_base(model: nn.Module, base_dtype: str) -> nn.Module:
     """After loading in `LOAD_DTYPE[base_dtype]` and freezing: quantise for fp8 and cast inputs to the compute dtype."""
+    if LOAD_DTYPE[base_dtype] != torch.float32:
+        own_fp32_tensors(model)
     if base_dtype == "fp8":
         quantize_fp8(model, COMPUTE_DTYPE["fp8"])
     if COMPUTE_DTYPE[base_dtype] != torch.float32:

@@ -106,7 +106,8 @@ def measure(args) -> None:
     from train.trainer import StepParts, build_optimizer, train_step
 
     adapter = get_family("wan")
-    config = TrainConfig(base_dtype=args.variant, crepa_block_index=1, learning_rate=1e-3, lora_rank=args.lora_rank)
+    config = TrainConfig(base_dtype=args.variant, crepa_block_index=min(1, args.layers - 1), learning_rate=1e-3,
+                         lora_rank=args.lora_rank)
     torch.manual_seed(0)
     before = status_bytes("RssAnon")
     with AnonPeak() as load:
@@ -144,7 +145,8 @@ def measure(args) -> None:
 
 def run_child(variant: str, args, workdir: str) -> dict:
     command = [sys.executable, "-m", "bench.precision", "--variant", variant, "--workdir", workdir,
-               "--steps", str(args.steps), "--lora-rank", str(args.lora_rank), "--no-record"]
+               "--steps", str(args.steps), "--layers", str(args.layers), "--lora-rank", str(args.lora_rank),
+               "--no-record"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # RSS follows live tensors (see train_step.py)
     done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])

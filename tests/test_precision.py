@@ -144,3 +144,12 @@ def test_narrow_base_with_full_fine_tune_is_refused():
     with pytest.raises(ValueError, match="--base-dtype='int4' is unknown"):
         TrainConfig(base_dtype="int4")
     assert TrainConfig().base_dtype == "bf16" and TrainConfig(full=True).base_dtype == "fp32"
+
+
+def test_precision_benchmark_runs_and_reports_every_base_dtype():
+    from test_bench import run_bench
+
+    out = run_bench("bench.precision", "--layers", "1", "--steps", "2", "--rounds", "1", "--lora-rank", "4")
+    assert "| Wan 2.1 14B | 14.29 B | 53.23 | 26.67 |" in out
+    for dtype in ("fp32", "bf16", "fp8"):
+        assert f"| {dtype} |" in out

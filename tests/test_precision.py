@@ -153,3 +153,24 @@ def test_precision_benchmark_runs_and_reports_every_base_dtype():
     assert "| Wan 2.1 14B | 14.29 B | 53.23 | 26.67 |" in out
     for dtype in ("fp32", "bf16", "fp8"):
         assert f"| {dtype} |" in out
+
+
+def test_fp8_base_can_be_wrapped_for_data_parallel_training(tiny_models):
+    """DDP broadcasts module states at start; gloo has no fp8, and frozen weights read from one checkpoint need none."""
+    import torch.distributed as dist
+    from diffusers import WanTransformer3DModel
+    from torch.nn.parallel import DistributedDataParallel
+
+    from crepa.families import get_family
+    from train.lora import add_lora
+    from train.precision import prepare_base
+
+    model = WanTransformer3DModel.from_pretrained(tiny_models["wan"], subfolder="transformer",
+                                                  torch_dtype=torch.bfloat16)
+    add_lora(model, 4, 4, 0.0, list(get_family("wan").default_lora_targets))
+    prepare_base(model, "fp8")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()

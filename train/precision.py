@@ -94,6 +94,10 @@ def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Fp8Linear(getattr(parent, child), compute_dtype))
+    # DDP broadcasts every parameter at start and gloo has no fp8; frozen weights read from the same
+    # checkpoint on every rank need no broadcast
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{name}.weight" for name in names})
     return len(names)
 
 

@@ -1,4 +1,4 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -18,6 +18,9 @@ WAN_1_3B = dict(
 )
 """diffusers' transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers."""
 
+WAN_14B = WAN_1_3B | dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
+"""Wan-AI/Wan2.1-T2V-14B-Diffusers: 40 blocks of 40 heads x 128 (5120 wide), ffn 13824; the rest as 1.3B."""
+
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "dinov2_vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
@@ -32,10 +35,10 @@ UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, 
 """The encoder of google/umt5-xxl, Wan's text encoder."""
 
 
-def wan_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32):
+def wan_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32, config: dict = WAN_1_3B):
     from diffusers import WanTransformer3DModel
 
-    config = WAN_1_3B | ({"num_layers": layers} if layers else {})
+    config = config | ({"num_layers": layers} if layers else {})
     model = WanTransformer3DModel(**config)
     return model if dtype == torch.float32 else model.to(dtype)
 

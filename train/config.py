@@ -13,6 +13,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+BASE_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class TrainConfig:
     # LoRA / full
     full: bool = False
     """Full fine-tune instead of LoRA."""
+    base_dtype: str | None = None
+    """Storage of the frozen base weights: bf16, fp16, fp32 or fp8 (scaled, upcast to bf16 per layer).
+    Default bf16 for LoRA, fp32 with --full (trained weights keep fp32 masters)."""
     lora_rank: int = 16
     """LoRA rank."""
     lora_alpha: float | None = None
@@ -161,6 +165,13 @@ class TrainConfig:
             raise ValueError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
         if self.crepa_use_backbone_features and self.crepa_teacher_block_index is None:
             raise ValueError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
+        if self.base_dtype is None:
+            self.base_dtype = "fp32" if self.full else "bf16"
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"--base-dtype={self.base_dtype!r} is unknown; use one of {', '.join(BASE_DTYPES)}")
+        if self.full and self.base_dtype != "fp32":
+            raise ValueError(f"--full trains the base weights, which need fp32 master copies: use --base-dtype fp32 "
+                             f"(with --mixed-precision bf16 for bf16 compute), not {self.base_dtype}")
         self.schedule_config()  # validates the lambda schedule options
 
     def require_paths(self) -> None:

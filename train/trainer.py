@@ -24,6 +24,7 @@ from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
+from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
 
 
 @dataclass
@@ -180,8 +181,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
 
+    enable_tf32()
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
-                                  torch_dtype=torch.float32)
+                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)
@@ -190,6 +192,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                  cfg.lora_target_modules or list(adapter.default_lora_targets))
         if cfg.comfyui_export:
             check_comfyui_export(adapter, transformer)
+    prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

@@ -123,11 +123,11 @@ def measure(args) -> None:
     projector = CrepaProjector(1536, 1536)
     optimizer = build_optimizer(config, model, projector)
     parts = StepParts(adapter, model, projector, CrepaWeightSchedule(config.schedule_config()), config,
-                      adapter.default_flow_shift, torch.Generator().manual_seed(0))
+                      adapter.default_flow_shift)
     data = torch.Generator().manual_seed(1)  # the same batch for every variant
     text = torch.zeros(1, TEXT_TOKENS, TEXT_DIM)
     text[:, :120] = torch.randn(1, 120, TEXT_DIM, generator=data)
-    batch = {"latents": torch.randn(1, 16, 3, 8, 14, generator=data), "text": text,
+    batch = {"keys": ["clip"], "latents": torch.randn(1, 16, 3, 8, 14, generator=data), "text": text,
              "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool),
              "teacher": torch.randn(1, 3, 4, 7, 1536, generator=data).to(torch.float16)}
     losses, times = [], []

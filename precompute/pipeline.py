@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
 from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
-from precompute.dataset_config import load_dataset_config
+from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
@@ -131,13 +132,13 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
     clips, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length)
     if rank == 0 and not config.dry_run:
-        store.write_plan(_plan_name(config.dataset_config), {
+        _write_plan(store, config.dataset_config, {
             "family": adapter.name,
             "dataset_config": os.path.abspath(config.dataset_config),
+            "datasets": [_resolved(dataset) for dataset in dataset_file.datasets],
             "latents_set": sets.latents.fingerprint,
             "text_set": sets.text.fingerprint,
-            "clips": [clip.manifest_entry() for clip in clips],
-        })
+        }, [clip.manifest_entry() for clip in clips])
 
     # (rank, world) slices: disjoint clips and disjoint captions per process.
     mine = clips[rank::world]
@@ -179,9 +180,27 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     return summary
 
 
-def _plan_name(dataset_config: str) -> str:
-    """The dataset config's file stem, as a plan name the cache accepts."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
+def _resolved(dataset: DatasetConfig) -> dict:
+    """A dataset table as resolved (absolute paths, defaults filled), without where it was written."""
+    table = asdict(dataset)
+    table.pop("origin")
+    return table
+
+
+def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: list[dict]) -> None:
+    """Store the plan under `<config stem>-<hash of header>`, replacing older plans of the same config file.
+
+    The hash covers the resolved datasets, family and feature sets, so two configs that share a file name (every
+    folder's dataset.toml) get two plans and training sees the clips of both; a rerun of one config rewrites its
+    own plan, and an edited config replaces the plan it made before, so clips it dropped leave training too.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{readable}-{digest}"
+    store.write_plan(name, {"name": readable, "content_hash": digest, **header, "clips": clips})
+    for other, plan in store.plans().items():
+        if other != name and plan.get("dataset_config") == header["dataset_config"]:
+            store.remove_plan(other)
 
 
 def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:

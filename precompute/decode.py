@@ -30,15 +30,23 @@ import av
 import numpy as np
 from PIL import Image
 
-VideoSource = str | bytes
-"""A local video path, or the whole encoded file in memory (dataset rows, tar members); both pickle."""
+from precompute.video_refs import DatasetRow, ShardMember
+
+VideoSource = str | bytes | ShardMember | DatasetRow
+"""A local video path, the encoded file's bytes, or a reference to them read when the video is opened; all pickle."""
 
 _READY = "ready"
 
 
+def read_video(source: VideoSource) -> str | bytes:
+    """A path, or the encoded bytes: references are read here, so bytes exist only while a video is open."""
+    return source.read() if isinstance(source, ShardMember | DatasetRow) else source
+
+
 def open_video(source: VideoSource) -> av.container.InputContainer:
     """Open `source` for reading with PyAV."""
-    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    data = read_video(source)
+    file = io.BytesIO(data) if isinstance(data, bytes) else data
     return av.open(file, mode="r", metadata_errors="ignore")
 
 

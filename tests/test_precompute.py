@@ -329,3 +329,21 @@ def test_an_edited_config_replaces_its_old_plan(tmp_path, tiny_models):
         (tmp_path / "clips" / f"{clip}.txt").unlink()
     run_precompute(config_for(dataset, out, tiny_models, skip_teacher=True))
     assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 1
+
+
+def test_webdataset_input_is_read_by_the_decode_workers(tmp_path, tiny_models):
+    import webdataset as wds
+
+    from precompute.synthetic import moving_shapes_clip, write_video
+
+    with wds.TarWriter(str(tmp_path / "in-000.tar")) as writer:
+        for i in range(2):
+            write_video(str(tmp_path / f"{i}.mp4"), moving_shapes_clip(9, 48, 64, seed=i), fps=8)
+            writer.write({"__key__": f"v{i}", "mp4": (tmp_path / f"{i}.mp4").read_bytes(), "txt": f"clip {i}"})
+    config = tmp_path / "shards.toml"
+    config.write_text('[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\n[[datasets]]\n'
+                      'webdataset = "in-000.tar"\n')
+    out = str(tmp_path / "cache")
+    summary = run_precompute(config_for(str(config), out, tiny_models, skip_teacher=True, decode_workers=1))
+    assert summary.computed == {"latents": 2, "teacher": 0, "text": 2} and not summary.skipped
+    assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 2

@@ -132,7 +132,7 @@ class DecodeTask:
     task_id: int | str
     """Returned with the result; results arrive in completion order."""
     source: VideoSource
-    """Path or encoded bytes of the video."""
+    """Path, encoded bytes, or a reference read in the worker when the task runs."""
     frame_indices: tuple[int, ...]
     """Source frame indices, in output order (repeats allowed)."""
     size: tuple[int, int]

@@ -127,8 +127,8 @@ def _report(results: dict[str, dict], video_bytes: int, args) -> str:
         "the main process, one fresh child process per variant.\n\n"
         + markdown_table(["run", "peak RSS MiB", "vs small", "KiB per extra clip"], rows)
         + f"\n\nGrowth per extra clip: {growth / 1024:.1f} KiB, {100 * growth / video_bytes:.2f}% of one video's "
-        + ("bytes: memory does not grow with the plan's videos." if growth < 0.01 * video_bytes else
-           "bytes: something is kept per clip.")
+        + ("bytes: no video is held for the plan; what grows is per-clip metadata (plan entries, the store's "
+           "key index)." if growth < 0.1 * video_bytes else "bytes: videos are held for the whole plan.")
     )
 
 

@@ -8,19 +8,11 @@ import logging
 import click
 
 from crepa import __version__
+from crepa_cli.errors import UserErrorGroup
+from crepa_cli.options import CONTEXT_SETTINGS
 
 
-class UserErrorGroup(click.Group):
-    """Turns configuration and input errors into one clear message instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            raise click.ClickException(str(error)) from error
-
-
-@click.group(cls=UserErrorGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(cls=UserErrorGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="crepa")
 def main() -> None:
     """Fine-tune video DiTs with CREPA from a precomputed teacher cache."""
@@ -28,8 +20,8 @@ def main() -> None:
 
 
 def _add_stage_commands() -> None:
-    from precompute.cli import precompute_command
-    from train.cli import train_command
+    from crepa_cli.precompute import precompute_command
+    from crepa_cli.train import train_command
 
     main.add_command(precompute_command)
     main.add_command(train_command)

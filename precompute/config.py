@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from crepa.cache.store import CODECS
+from crepa.fields import check_choices
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENT_SAMPLING = ("mode", "sample")
 RESIZE_MODES = ("aspect", "square")
 TEACHER_FRAMES = ("stride", "mean")
@@ -16,27 +20,24 @@ TEACHER_DTYPES = (*STORAGE_DTYPES, "int8")
 class TeacherSettings:
     """Everything that determines the stored teacher features (all part of the feature-set key)."""
 
-    encoder: str = "dinov2_vitg14"
+    encoder: str = field(default="dinov2_vitg14", metadata={"flag": "encoder"})
     """Short name (dinov2_vits14 ... dinov2_vitg14, *_reg), hub id or local folder."""
-    image_size: int = 518
+    image_size: int = field(default=518, metadata={"flag": "encoder-image-size"})
     """Square side, or the side of the equal-area image in `aspect` mode."""
-    resize: str = "aspect"
+    resize: str = field(default="aspect", metadata={"flag": "resize", "choices": RESIZE_MODES})
     """aspect: keep the clip's aspect ratio, sides multiples of the patch size; square: image_size^2."""
-    frames: str = "stride"
+    frames: str = field(default="stride", metadata={"flag": "teacher-frames", "choices": TEACHER_FRAMES})
     """stride: the last pixel frame a latent frame covers; mean: average of its covered frames' features."""
-    input: str = "pixels"
+    input: str = field(default="pixels", metadata={"flag": "teacher-input", "choices": TEACHER_INPUTS})
     """pixels: decoded source frames; reconstruction: the VAE's reconstruction of the latents."""
-    dtype: str = "float16"
+    dtype: str = field(default="float16", metadata={"flag": "teacher-dtype", "choices": TEACHER_DTYPES})
     """Storage dtype of the features; int8 stores symmetric steps with one fp16 scale per token (half of
     float16's bytes, token cosine error ~1e-5 times the square of a token's peak-to-RMS channel ratio)."""
-    pool: int = 1
+    pool: int = field(default=1, metadata={"flag": "teacher-pool"})
     """Average-pool the patch grid by this factor at precompute (1 keeps it)."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("resize", RESIZE_MODES), ("frames", TEACHER_FRAMES), ("input", TEACHER_INPUTS),
-                              ("dtype", TEACHER_DTYPES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"teacher {name}={getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        check_choices(self)
         if self.image_size < 14:
             raise ValueError(f"--encoder-image-size must be at least one patch (14), got {self.image_size}")
         if self.pool < 1:
@@ -47,7 +48,7 @@ class TeacherSettings:
 class PrecomputeConfig:
     """One precompute run: which clips, which models, where the cache goes."""
 
-    dataset_config: str
+    dataset_config: str = field(metadata={"flag": "config"})
     """TOML file with [general] and [[datasets]] tables."""
     family: str
     """Model family: wan, ..."""
@@ -63,21 +64,21 @@ class PrecomputeConfig:
     """Tokenizer folder or hub id, overriding <model>/tokenizer."""
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     """Vision encoder and how its features are computed and stored."""
-    skip_teacher: bool = False
+    skip_teacher: bool = field(default=False, metadata={"flag": "no-teacher"})
     """Cache latents and text only (for backbone-mode CREPA or plain fine-tuning)."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu, cuda, cuda:1 ..."""
-    vae_dtype: str = "auto"
+    vae_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
     """Compute dtype of the VAE (auto: bf16 on GPU, fp32 on CPU)."""
-    encoder_dtype: str = "auto"
+    encoder_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
     """Compute dtype of the vision encoder."""
-    text_encoder_dtype: str = "auto"
+    text_encoder_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
     """Compute dtype of the text encoder."""
-    latents_dtype: str = "float32"
+    latents_dtype: str = field(default="float32", metadata={"choices": STORAGE_DTYPES})
     """Storage dtype of the latents."""
-    text_dtype: str = "float16"
+    text_dtype: str = field(default="float16", metadata={"choices": STORAGE_DTYPES})
     """Storage dtype of the text embeddings."""
-    latent_sampling: str = "mode"
+    latent_sampling: str = field(default="mode", metadata={"choices": LATENT_SAMPLING})
     """mode: the posterior's mode (deterministic); sample: a draw from it, seeded per clip."""
     seed: int = 0
     """Seed of the posterior draws in `sample` mode."""
@@ -107,19 +108,11 @@ class PrecomputeConfig:
     """Size of one written segment (shard); at most this much is lost to a crash."""
     segment_clips: int = 64
     """Clips per written segment at most; 1 commits every clip as soon as it is encoded."""
-    codec: str = "zstd"
+    codec: str = field(default="zstd", metadata={"choices": CODECS})
     """Compression of the stored arrays: zstd, blosc or none (features barely compress; none reads fastest)."""
 
     def __post_init__(self) -> None:
-        from crepa.cache.store import CODECS
-
-        if self.codec not in CODECS:
-            raise ValueError(f"--codec={self.codec!r}; use one of {', '.join(CODECS)}")
-        if self.latent_sampling not in LATENT_SAMPLING:
-            raise ValueError(f"--latent-sampling={self.latent_sampling!r}; use one of {', '.join(LATENT_SAMPLING)}")
-        for name in ("latents_dtype", "text_dtype"):
-            if getattr(self, name) not in ("float16", "float32"):
-                raise ValueError(f"--{name.replace('_', '-')} must be float16 or float32, got {getattr(self, name)!r}")
+        check_choices(self)
         if self.decode_workers < 0:
             raise ValueError(f"--decode-workers must be >= 0, got {self.decode_workers}")
         for name in ("encoder_batch_size", "text_batch_size", "max_segment_mb", "segment_clips"):

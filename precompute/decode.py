@@ -30,15 +30,23 @@ import av
 import numpy as np
 from PIL import Image
 
-VideoSource = str | bytes
-"""A local video path, or the whole encoded file in memory (dataset rows, tar members); both pickle."""
+from precompute.video_refs import DatasetRow, ShardMember
+
+VideoSource = str | bytes | ShardMember | DatasetRow
+"""A local video path, the encoded file's bytes, or a reference to them read when the video is opened; all pickle."""
 
 _READY = "ready"
 
 
+def read_video(source: VideoSource) -> str | bytes:
+    """A path, or the encoded bytes: references are read here, so bytes exist only while a video is open."""
+    return source.read() if isinstance(source, ShardMember | DatasetRow) else source
+
+
 def open_video(source: VideoSource) -> av.container.InputContainer:
     """Open `source` for reading with PyAV."""
-    file = io.BytesIO(source) if isinstance(source, bytes) else source
+    data = read_video(source)
+    file = io.BytesIO(data) if isinstance(data, bytes) else data
     return av.open(file, mode="r", metadata_errors="ignore")
 
 
@@ -124,7 +132,7 @@ class DecodeTask:
     task_id: int | str
     """Returned with the result; results arrive in completion order."""
     source: VideoSource
-    """Path or encoded bytes of the video."""
+    """Path, encoded bytes, or a reference read in the worker when the task runs."""
     frame_indices: tuple[int, ...]
     """Source frame indices, in output order (repeats allowed)."""
     size: tuple[int, int]

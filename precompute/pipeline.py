@@ -1,6 +1,6 @@
 """`run_precompute`: clips -> cache, as a chain of small stages.
 
-    plan (all ranks alike) -> this rank's slice -> what is missing
+    this rank's slice of the videos -> its plan (probed, written as its part) -> what is missing
       -> text stage: unique captions -> text encoder -> text set
       -> video stage: decode pool (CPU workers) -> VAE -> latents set
                                               \\-> DINOv2 -> teacher set
@@ -8,12 +8,18 @@ Each stage only loads the models it needs, once. The decode workers start before
 decoding runs behind it and behind model loading; segment writes (compression, checksums, disk) run
 on a background thread, so the main loop only feeds the models. Writes are committed per segment, so
 a rerun after any crash computes only what is not committed yet.
+
+Ranks deal out the videos (precompute.sources) and each plans only its own: probing a video in a tar shard or a
+dataset row needs its bytes, so no rank reads another's. Each rank writes its own part of the plan; the training
+view reads every plan, so the parts together list every clip. Plans and decode tasks hold references to such
+videos, not their bytes, which are read in the decode worker: memory holds only the clips in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -32,7 +38,7 @@ from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
 from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
-from precompute.dataset_config import load_dataset_config
+from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
@@ -129,22 +135,21 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
 
     store = CacheStore.open(config.out, mode="a")
     sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
-    clips, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length)
-    if rank == 0 and not config.dry_run:
-        store.write_plan(_plan_name(config.dataset_config), {
+    # Each rank plans (and probes) only its own videos, and writes its own part of the plan.
+    mine, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length, rank, world)
+    if not config.dry_run:
+        _write_plan(store, config.dataset_config, {
             "family": adapter.name,
             "dataset_config": os.path.abspath(config.dataset_config),
+            "datasets": [_resolved(dataset) for dataset in dataset_file.datasets],
             "latents_set": sets.latents.fingerprint,
             "text_set": sets.text.fingerprint,
-            "clips": [clip.manifest_entry() for clip in clips],
-        })
+        }, [clip.manifest_entry() for clip in mine], rank, world)
 
-    # (rank, world) slices: disjoint clips and disjoint captions per process.
-    mine = clips[rank::world]
-    captions = dict(sorted({clip.text_key: clip.caption for clip in clips}.items()))
-    my_captions = dict(list(captions.items())[rank::world])
+    # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key.
+    my_captions = dict(sorted({clip.text_key: clip.caption for clip in mine}.items()))
     todo = _missing(store, sets, mine, my_captions, config.regenerate)
-    summary = PrecomputeSummary(planned=len(clips), skipped=skipped if rank == 0 else [])
+    summary = PrecomputeSummary(planned=len(mine), skipped=skipped)
     summary.computed = {kind: len(keys) for kind, keys in todo.items()}
     summary.reused = {"latents": len(mine) - len(todo["latents"]), "text": len(my_captions) - len(todo["text"]),
                       "teacher": 0 if sets.teacher is None else len(mine) - len(todo["teacher"])}
@@ -179,9 +184,31 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     return summary
 
 
-def _plan_name(dataset_config: str) -> str:
-    """The dataset config's file stem, as a plan name the cache accepts."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
+def _resolved(dataset: DatasetConfig) -> dict:
+    """A dataset table as resolved (absolute paths, defaults filled), without where it was written."""
+    table = asdict(dataset)
+    table.pop("origin")
+    return table
+
+
+def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: list[dict], rank: int,
+                world: int) -> None:
+    """Store this rank's part of the plan as `<config stem>-<hash of header>[-part<rank>of<world>]`.
+
+    The hash covers the resolved datasets, family and feature sets, so two configs that share a file name (every
+    folder's dataset.toml) get two plans and training sees the clips of both; a rerun of one config rewrites its
+    own plan, and an edited config replaces the plans it made before (rank 0 removes them), so clips it dropped
+    leave training too. Training reads every plan, so the parts of all ranks together list every clip.
+    """
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{readable}-{digest}" + (f"-part{rank}of{world}" if world > 1 else "")
+    store.write_plan(name, {"name": readable, "content_hash": digest, **header, "clips": clips})
+    if rank != 0:
+        return
+    for other, plan in store.plans().items():
+        if plan.get("dataset_config") == header["dataset_config"] and plan.get("content_hash") != digest:
+            store.remove_plan(other)
 
 
 def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from crepa.cache.keys import clip_key, text_key
 from precompute.dataset_config import DatasetConfig
+from precompute.decode import VideoSource
 from precompute.sampling import bucket_name, choose_bucket, plan_segments, probe_video
 from precompute.sources import iter_videos
 
@@ -19,8 +20,8 @@ class PlannedClip:
     dataset: str
     source: str
     """Display name of the video (path or member name)."""
-    video: str | bytes
-    """What PyAV opens: a path/URL or the file's bytes."""
+    video: VideoSource
+    """What PyAV opens: a path/URL, or a reference to a tar member or dataset row (never the bytes)."""
     caption: str
     text_key: str
     frames: int
@@ -60,13 +61,17 @@ def check_bucket_sizes(dataset: DatasetConfig, multiple: int, config_path: str) 
             )
 
 
-def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_length: int
-               ) -> tuple[list[PlannedClip], list[Skipped]]:
-    """Every clip of every dataset, in a deterministic order, plus what cannot be used and why."""
+def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_length: int, rank: int = 0,
+               world: int = 1) -> tuple[list[PlannedClip], list[Skipped]]:
+    """The clips of this rank's videos, in a deterministic order, plus what cannot be used and why.
+
+    Only this rank's videos are probed; the ranks' plans together hold every clip. Each dataset's videos are dealt
+    out starting at a different rank, so many one-video datasets still spread over the ranks.
+    """
     clips: list[PlannedClip] = []
     skipped: list[Skipped] = []
-    for dataset in datasets:
-        for item in iter_videos(dataset):
+    for number, dataset in enumerate(datasets):
+        for item in iter_videos(dataset, (rank - number) % world, world):
             if item.caption is None:
                 skipped.append(Skipped(item.name, item.caption_error or "no caption"))
                 continue

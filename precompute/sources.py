@@ -3,6 +3,11 @@
 A missing caption does not stop iteration: it is reported on the item so the run can skip the video and list
 it. A source that cannot be read at all (bad JSON line, missing column, missing file) raises, naming the line,
 row or member and the fix, before any model is loaded.
+
+Ranks share the videos by position (`index % world == rank`), and each source lists its videos cheaply before
+anything costly is done: only this rank's videos are stat'ed, hashed or read. Videos inside bigger files (tar
+members, dataset rows) are yielded as references (precompute.video_refs), so no item holds a video's bytes;
+their content hash (their identity) is computed from one read of this rank's videos only.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +25,7 @@ import fsspec
 from crepa.cache.keys import bytes_identity, file_identity
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource
+from precompute.video_refs import DatasetRow, ShardMember, hf_split, video_column
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
 
@@ -38,11 +45,12 @@ class VideoItem:
     caption_error: str | None
     """Why there is no caption, and how to fix it."""
     video: VideoSource
-    """What PyAV opens: a path, or the encoded file's bytes (both pickle to decode workers)."""
+    """What PyAV opens: a path, or a reference to a tar member or dataset row (read when opened)."""
 
 
-def iter_videos(dataset: DatasetConfig) -> Iterator[VideoItem]:
-    """The videos of `dataset` in a deterministic order (sorted paths, file or row order)."""
+def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterator[VideoItem]:
+    """This rank's videos of `dataset` (every `world`-th from `rank`) in a deterministic order (sorted paths, file
+    or row order)."""
     readers = {
         "video_directory": _directory_items,
         "video_jsonl_file": _jsonl_items,
@@ -50,11 +58,16 @@ def iter_videos(dataset: DatasetConfig) -> Iterator[VideoItem]:
         "webdataset": _webdataset_items,
     }
     count = 0
-    for item in readers[dataset.source_kind](dataset):
+    for index, make_item in enumerate(readers[dataset.source_kind](dataset)):
         count += 1
-        yield item
+        if index % world == rank:
+            yield make_item()
     if count == 0:
         raise ValueError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
+
+
+_Lazy = Iterator[Callable[[], VideoItem]]
+"""A source lists its videos as functions that build the item: only the rank's own are called."""
 
 
 def _caption_file(video: Path, extension: str) -> tuple[str | None, str | None]:
@@ -68,22 +81,36 @@ def _caption_file(video: Path, extension: str) -> tuple[str | None, str | None]:
         return None, f"caption file {path.name} is not UTF-8 ({error}); re-save it as UTF-8"
 
 
-def _directory_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
+def _directory_items(dataset: DatasetConfig) -> _Lazy:
     root = Path(dataset.video_directory)
     videos = sorted(
         path
         for path in root.rglob("*")
         if path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
     )
-    for path in videos:
+    def item(path: Path) -> VideoItem:
         caption, error = _caption_file(path, dataset.caption_extension)
         name = path.relative_to(root).as_posix()
-        yield VideoItem(dataset.name, name, file_identity(str(path)), caption, error, str(path))
+        return VideoItem(dataset.name, name, file_identity(str(path)), caption, error, str(path))
+
+    for path in videos:
+        yield lambda path=path: item(path)
 
 
-def _jsonl_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
+def _jsonl_items(dataset: DatasetConfig) -> _Lazy:
     jsonl = dataset.video_jsonl_file
     folder = posixpath.dirname(jsonl) if "://" in jsonl else os.path.dirname(jsonl)
+
+    def item(record: dict, where: str) -> VideoItem:
+        video_path = record["video_path"]
+        path = _resolve(video_path, folder)
+        caption, error = record.get("caption"), None
+        if not isinstance(caption, str):
+            caption, error = None, f'{where} has no "caption" string; add one'
+        else:
+            caption = caption.strip()
+        return VideoItem(dataset.name, video_path, _identity_of_path(path, where), caption, error, path)
+
     with fsspec.open(jsonl, "r", encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -95,14 +122,7 @@ def _jsonl_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
                 raise ValueError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
             if not isinstance(record, dict) or not isinstance(record.get("video_path"), str):
                 raise ValueError(f'{where} has no "video_path" string; each line needs {{"video_path", "caption"}}')
-            video_path = record["video_path"]
-            path = _resolve(video_path, folder)
-            caption, error = record.get("caption"), None
-            if not isinstance(caption, str):
-                caption, error = None, f'{where} has no "caption" string; add one'
-            else:
-                caption = caption.strip()
-            yield VideoItem(dataset.name, video_path, _identity_of_path(path, where), caption, error, path)
+            yield lambda record=record, where=where: item(record, where)
 
 
 def _resolve(path: str, folder: str | None) -> str:
@@ -119,20 +139,12 @@ def _identity_of_path(path: str, where: str) -> dict:
         raise FileNotFoundError(f"{where}: video {path} does not exist; fix the path or remove the entry") from None
 
 
-def _hf_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
-    import datasets  # heavy; only this source kind needs it
-
+def _hf_items(dataset: DatasetConfig) -> _Lazy:
     local = Path(dataset.hf_dataset)
-    if local.exists():
-        loaded = datasets.load_from_disk(str(local))
-        if isinstance(loaded, datasets.DatasetDict):
-            if dataset.hf_split not in loaded:
-                raise ValueError(
-                    f"{dataset.origin}: hf_split {dataset.hf_split!r} is not in {local}; use one of {', '.join(loaded)}"
-                )
-            loaded = loaded[dataset.hf_split]
-    else:
-        loaded = datasets.load_dataset(dataset.hf_dataset, split=dataset.hf_split)
+    try:
+        loaded = hf_split(dataset.hf_dataset, dataset.hf_split)
+    except ValueError as error:
+        raise ValueError(f"{dataset.origin}: {error}") from None
     for field in ("video_column", "caption_column"):
         column = getattr(dataset, field)
         if column not in loaded.column_names:
@@ -140,52 +152,78 @@ def _hf_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
                 f"{dataset.origin}: {field} {column!r} is not a column of {dataset.hf_dataset}; "
                 f"columns: {', '.join(loaded.column_names)}"
             )
-    if isinstance(loaded.features[dataset.video_column], datasets.Video):
-        # {"bytes", "path"} dicts instead of decoder objects: PyAV decodes, in the workers.
-        loaded = loaded.cast_column(dataset.video_column, datasets.Video(decode=False))
-    rows = loaded.select_columns(list(dict.fromkeys([dataset.video_column, dataset.caption_column])))
-    for row, record in enumerate(rows):
+    videos = video_column(dataset.hf_dataset, dataset.hf_split, dataset.video_column)
+    captions = loaded.select_columns([dataset.caption_column])
+
+    def item(row: int) -> VideoItem:
         where = f"{dataset.hf_dataset} row {row}"
-        value = record[dataset.video_column]
+        value = videos[row][dataset.video_column]
         if isinstance(value, dict) and value.get("bytes"):
             name = value.get("path") or f"{dataset.name}[{row}]"
-            video, identity = value["bytes"], bytes_identity(value["bytes"], name)
+            video = DatasetRow(dataset.hf_dataset, dataset.hf_split, dataset.video_column, row)
+            identity = bytes_identity(value["bytes"], name)  # the row's bytes are dropped once hashed
         else:
             name = value.get("path") if isinstance(value, dict) else value
             if not isinstance(name, str) or not name:
                 raise ValueError(f"{where}: column {dataset.video_column!r} holds no video path or bytes")
             video = _resolve(name, str(local) if local.exists() else None)
             identity = _identity_of_path(video, where)
-        caption, error = record[dataset.caption_column], None
+        caption, error = captions[row][dataset.caption_column], None
         if not isinstance(caption, str):
             caption, error = None, f"{where} has no caption in column {dataset.caption_column!r}; fill it in"
         else:
             caption = caption.strip()
-        yield VideoItem(dataset.name, name, identity, caption, error, video)
+        return VideoItem(dataset.name, name, identity, caption, error, video)
+
+    for row in range(len(loaded)):
+        yield lambda row=row: item(row)
 
 
-def _webdataset_items(dataset: DatasetConfig) -> Iterator[VideoItem]:
-    from webdataset.tariterators import group_by_keys, tar_file_expander  # heavy (imports torch)
-
+def _webdataset_items(dataset: DatasetConfig) -> _Lazy:
     for shard in dataset.webdataset:
-        shard_name = PurePosixPath(shard).name
-        with fsspec.open(shard, "rb") as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])):
-                key = sample["__key__"]
-                name = f"{shard_name}/{key}"
-                data = sample.get(dataset.video_extension)
-                if data is None:
-                    members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
-                    raise ValueError(
-                        f"{dataset.origin}: sample {name} has no .{dataset.video_extension} member (it has: "
-                        f"{members}); set video_extension to the member holding the video"
-                    )
-                caption, error = None, None
-                if dataset.caption_key not in sample:
-                    error = f"sample {name} has no .{dataset.caption_key} member; add it or set caption_key"
-                else:
-                    try:
-                        caption = sample[dataset.caption_key].decode("utf-8").strip()
-                    except UnicodeDecodeError as decode_error:
-                        error = f"caption member {name}.{dataset.caption_key} is not UTF-8 ({decode_error})"
-                yield VideoItem(dataset.name, name, bytes_identity(data, name), caption, error, data)
+        for key, members in _shard_samples(shard):
+            yield lambda key=key, members=members, shard=shard: _webdataset_item(dataset, shard, key, members)
+
+
+def _webdataset_item(dataset: DatasetConfig, shard: str, key: str, members: dict[str, ShardMember]) -> VideoItem:
+    name = f"{PurePosixPath(shard).name}/{key}"
+    video = members.get(dataset.video_extension)
+    if video is None:
+        listing = ", ".join(sorted(members))
+        raise ValueError(
+            f"{dataset.origin}: sample {name} has no .{dataset.video_extension} member (it has: {listing}); "
+            "set video_extension to the member holding the video"
+        )
+    caption, error = None, None
+    if dataset.caption_key not in members:
+        error = f"sample {name} has no .{dataset.caption_key} member; add it or set caption_key"
+    else:
+        try:
+            caption = members[dataset.caption_key].read().decode("utf-8").strip()
+        except UnicodeDecodeError as decode_error:
+            error = f"caption member {name}.{dataset.caption_key} is not UTF-8 ({decode_error})"
+    return VideoItem(dataset.name, name, bytes_identity(video.read(), name), caption, error, video)
+
+
+def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, ShardMember]]]:
+    """(sample key, {extension: member}) of one tar shard, reading its headers only (members are grouped by the
+    name before the first dot of their file name, as webdataset groups them)."""
+    samples: dict[str, dict[str, ShardMember]] = {}
+    with fsspec.open(shard, "rb") as stream:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r:")
+        except tarfile.ReadError as error:
+            raise ValueError(f"{shard} is not an uncompressed tar ({error}); members are read by byte range, "
+                             "so decompress the shard (e.g. gunzip) first") from None
+        with archive:
+            for info in archive:
+                folder, _, file_name = info.name.rpartition("/")
+                if not info.isfile() or "." not in file_name:
+                    continue
+                stem, extension = file_name.split(".", 1)
+                key = f"{folder}/{stem}" if folder else stem
+                if samples and key not in samples:
+                    yield samples.popitem()
+                samples.setdefault(key, {})[extension.lower()] = ShardMember(shard, info.name, info.offset_data,
+                                                                              info.size)
+    yield from samples.items()

@@ -1,3 +1,8 @@
+import re
+import subprocess
+import sys
+
+import pytest
 from click.testing import CliRunner
 
 from crepa_cli.main import main
@@ -15,3 +20,88 @@ def test_bad_input_is_one_clear_message(tmp_path):
     result = CliRunner().invoke(main, ["cache", "info", str(tmp_path / "nowhere")], prog_name="crepa")
     assert result.exit_code != 0
     assert "no cache at" in result.output and "Traceback" not in result.output
+
+
+LEGACY_PRECOMPUTE_OPTIONS = (
+    "--config", "--family", "--model", "--vae", "--text-encoder", "--tokenizer", "--out", "--encoder",
+    "--encoder-image-size", "--resize", "--teacher-frames", "--teacher-input", "--teacher-dtype", "--teacher-pool",
+    "--no-teacher", "--device", "--vae-dtype", "--encoder-dtype", "--text-encoder-dtype", "--latents-dtype",
+    "--text-dtype", "--latent-sampling", "--seed", "--text-max-length", "--encoder-batch-size", "--text-batch-size",
+    "--vae-tiling", "--vae-slicing", "--offload", "--decode-workers", "--decode-timeout", "--regenerate", "--dry-run",
+    "--strict", "--max-segment-mb", "--segment-clips", "--codec",
+)
+
+
+def test_precompute_help_lists_every_config_field_under_its_old_name():
+    import dataclasses
+
+    from precompute.config import PrecomputeConfig, TeacherSettings
+
+    result = CliRunner().invoke(main, ["precompute", "--help"], prog_name="crepa", terminal_width=200)
+    assert result.exit_code == 0, result.output
+    flags = set(re.findall(r"--[a-z0-9-]+", result.output))
+    assert set(LEGACY_PRECOMPUTE_OPTIONS) <= flags
+    fields = [f for f in dataclasses.fields(PrecomputeConfig) if f.name != "teacher"]
+    assert len(fields) + len(dataclasses.fields(TeacherSettings)) == len(LEGACY_PRECOMPUTE_OPTIONS)
+    for option, choices in (("--resize", "aspect|square"), ("--teacher-dtype", "float16|float32|int8"),
+                            ("--vae-dtype", "auto|float32|bfloat16|float16"), ("--codec", "zstd|blosc|none"),
+                            ("--latent-sampling", "mode|sample")):
+        assert re.search(rf"{option} \[{re.escape(choices)}\]", result.output), option
+    # field docstrings are the help text
+    assert "Average-pool the patch grid by this factor" in result.output
+
+
+def test_config_validation_and_cli_choices_agree(tmp_path):
+    from precompute.config import PrecomputeConfig
+
+    with pytest.raises(ValueError, match=r"--vae-dtype='int4'; use one of auto, float32, bfloat16, float16"):
+        PrecomputeConfig(dataset_config="d.toml", family="wan", out=str(tmp_path), vae_dtype="int4")
+    result = CliRunner().invoke(main, ["precompute", "--config", "d.toml", "--family", "wan", "--out", "o",
+                                       "--vae-dtype", "int4"], prog_name="crepa")
+    assert result.exit_code == 2 and "'int4' is not one of 'auto', 'float32', 'bfloat16', 'float16'" in result.output
+
+
+@pytest.mark.parametrize("stage", ["precompute", "train"])
+def test_stage_modules_report_bad_input_in_one_line(tmp_path, stage):
+    options = {"precompute": ["--config", str(tmp_path / "missing.toml"), "--family", "wan", "--out",
+                              str(tmp_path / "cache"), "--device", "cpu"],
+               "train": ["--cache", str(tmp_path / "nowhere"), "--family", "wan", "--model", str(tmp_path),
+                         "--output-dir", str(tmp_path / "run")]}[stage]
+    done = subprocess.run([sys.executable, "-m", stage, *options], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("Error: "), done.stderr
+
+
+def test_options_come_from_the_dataclass_nested_fields_flattened():
+    import dataclasses
+
+    import click
+
+    from crepa_cli.options import build_config, config_options
+
+    @dataclasses.dataclass
+    class Inner:
+        mode: str = dataclasses.field(default="a", metadata={"flag": "inner-mode", "choices": ("a", "b")})
+        """How."""
+
+    @dataclasses.dataclass
+    class Outer:
+        path: str = dataclasses.field(metadata={"flag": "in"})
+        """Where from."""
+        names: list[str] | None = None
+        """Which."""
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        """Nested."""
+        skip: bool = dataclasses.field(default=False, metadata={"flag": "no-thing"})
+        """Leave it out."""
+        fast: bool = True
+        """Go fast."""
+
+    built = []
+    command = click.command()(config_options(Outer)(lambda **values: built.append(build_config(Outer, values))))
+    result = CliRunner().invoke(command, ["--in", "x", "--names", "p, q", "--inner-mode", "b", "--no-thing",
+                                          "--no-fast"])
+    assert result.exit_code == 0, result.output
+    assert built == [Outer(path="x", names=["p", "q"], inner=Inner(mode="b"), skip=True, fast=False)]
+    assert "Missing option '--in'" in CliRunner().invoke(command, []).output
+    assert "'c' is not one of 'a', 'b'" in CliRunner().invoke(command, ["--in", "x", "--inner-mode", "c"]).output

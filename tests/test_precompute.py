@@ -305,3 +305,45 @@ def test_int8_teacher_halves_the_bytes_and_reads_back_as_close_float16(tmp_path,
     assert estimate["teacher"] == written
     run_train(TrainConfig(cache=int8, family="wan", model=tiny_models["wan"], output_dir=str(tmp_path / "run"),
                           crepa_block_index=1, max_train_steps=2, batch_size=1))
+
+
+def test_two_configs_of_the_same_file_name_both_reach_training(tmp_path, tiny_models):
+    first, second = write_dataset(tmp_path / "a", clips=2), write_dataset(tmp_path / "b", clips=3)
+    assert Path(first).name == Path(second).name == "dataset.toml"
+    out = str(tmp_path / "cache")
+    for dataset in (first, second):
+        run_precompute(config_for(dataset, out, tiny_models, skip_teacher=True))
+    store = CacheStore.open(out)
+    assert len(store.plans()) == 2 and {plan["name"] for plan in store.plans().values()} == {"dataset"}
+    assert len(CacheView(store, "wan", with_teacher=False).clips) == 5
+    run_precompute(config_for(first, out, tiny_models, skip_teacher=True))  # a rerun rewrites its own plan
+    assert len(CacheStore.open(out).plans()) == 2
+
+
+def test_an_edited_config_replaces_its_old_plan(tmp_path, tiny_models):
+    dataset = write_dataset(tmp_path, clips=3)
+    out = str(tmp_path / "cache")
+    run_precompute(config_for(dataset, out, tiny_models, skip_teacher=True))
+    Path(dataset).write_text(Path(dataset).read_text().replace('name = "t"', 'name = "t"\nmax_frames = 100'))
+    for clip in ("clip_01", "clip_02"):  # the edited config no longer lists these
+        (tmp_path / "clips" / f"{clip}.txt").unlink()
+    run_precompute(config_for(dataset, out, tiny_models, skip_teacher=True))
+    assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 1
+
+
+def test_webdataset_input_is_read_by_the_decode_workers(tmp_path, tiny_models):
+    import webdataset as wds
+
+    from precompute.synthetic import moving_shapes_clip, write_video
+
+    with wds.TarWriter(str(tmp_path / "in-000.tar")) as writer:
+        for i in range(2):
+            write_video(str(tmp_path / f"{i}.mp4"), moving_shapes_clip(9, 48, 64, seed=i), fps=8)
+            writer.write({"__key__": f"v{i}", "mp4": (tmp_path / f"{i}.mp4").read_bytes(), "txt": f"clip {i}"})
+    config = tmp_path / "shards.toml"
+    config.write_text('[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\n[[datasets]]\n'
+                      'webdataset = "in-000.tar"\n')
+    out = str(tmp_path / "cache")
+    summary = run_precompute(config_for(str(config), out, tiny_models, skip_teacher=True, decode_workers=1))
+    assert summary.computed == {"latents": 2, "teacher": 0, "text": 2} and not summary.skipped
+    assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 2

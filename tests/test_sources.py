@@ -11,6 +11,7 @@ import pytest
 import webdataset
 
 from precompute.dataset_config import DatasetConfig, load_dataset_config
+from precompute.decode import read_video
 from precompute.sampling import probe_video
 from precompute.sources import iter_videos
 from precompute.synthetic import moving_shapes_clip, write_video
@@ -90,7 +91,8 @@ def test_hf_dataset_with_path_column_and_with_video_bytes(tmp_path):
     )
     splits.save_to_disk(str(tmp_path / "hf_bytes"))
     (item,) = iter_videos(load_one(tmp_path, 'hf_dataset = "hf_bytes"'))
-    assert item.video == data and item.name == "raw.mp4" and item.caption == "c"
+    assert not isinstance(item.video, bytes) and read_video(item.video) == data  # a row reference, read on demand
+    assert item.name == "raw.mp4" and item.caption == "c"
     assert set(item.identity) == {"name", "sha256"}
     assert probe_video(item.video).num_frames == 9
 
@@ -111,7 +113,8 @@ def test_webdataset_samples_carry_bytes_and_captions(tmp_path):
     assert [item.name for item in items] == ["shard-000.tar/s0", "shard-000.tar/s1", "shard-001.tar/s2"]
     assert [item.caption for item in items] == ["first caption", None, "third"]
     assert "sample shard-000.tar/s1 has no .txt member" in items[1].caption_error
-    assert all(item.video == clip and item.dataset == "shard" for item in items)
+    assert not any(isinstance(item.video, bytes) for item in items)  # member references, read on demand
+    assert all(read_video(item.video) == clip and item.dataset == "shard" for item in items)
     assert items[0].identity != items[2].identity  # same bytes, different sample
 
     with webdataset.TarWriter(str(tmp_path / "frames.tar")) as writer:
@@ -124,3 +127,53 @@ def test_an_empty_source_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="dataset 'empty' holds no videos; check its video_directory"):
         list(iter_videos(load_one(tmp_path, 'video_directory = "empty"')))
+
+
+def write_shards(tmp_path: Path, samples: int) -> list[bytes]:
+    """`samples` distinct captioned videos over two shards; returns the videos' bytes."""
+    clips = [make_clip(tmp_path / "raw" / f"{i}.mp4", seed=i).read_bytes() for i in range(samples)]
+    for shard, part in enumerate((clips[: samples // 2], clips[samples // 2:])):
+        with webdataset.TarWriter(str(tmp_path / f"shard-{shard:03d}.tar")) as writer:
+            for i, clip in enumerate(part):
+                writer.write({"__key__": f"s{shard}_{i}", "mp4": clip, "txt": f"caption {shard} {i}"})
+    return clips
+
+
+def test_planned_byte_source_clips_hold_references_not_videos(tmp_path):
+    import pickle
+
+    from precompute.plan import plan_clips
+
+    write_shards(tmp_path, 4)
+    clips, skipped = plan_clips([load_one(tmp_path, 'webdataset = "shard-{000..001}.tar"')], {}, 8)
+    assert len(clips) == 4 and not skipped
+    for clip in clips:
+        assert not isinstance(clip.video, bytes) and len(pickle.dumps(clip)) < 1024
+        assert probe_video(clip.video).num_frames == 9
+
+
+@pytest.mark.parametrize("source", ["webdataset", "hf_dataset"])
+def test_two_ranks_probe_disjoint_videos_and_plan_every_clip_between_them(tmp_path, monkeypatch, source):
+    import precompute.plan as plan
+
+    clips = write_shards(tmp_path, 5)
+    if source == "webdataset":
+        lines = 'webdataset = "shard-{000..001}.tar"'
+    else:
+        features = datasets.Features({"video": datasets.Video(), "caption": datasets.Value("string")})
+        rows = {"video": [{"bytes": c, "path": f"{i}.mp4"} for i, c in enumerate(clips)],
+                "caption": [f"c{i}" for i in range(5)]}
+        datasets.Dataset.from_dict(rows, features).save_to_disk(str(tmp_path / "hf"))
+        lines = 'hf_dataset = "hf"'
+    dataset = load_one(tmp_path, lines)
+    probed = []
+    monkeypatch.setattr(plan, "probe_video", lambda video: probed.append(video) or probe_video(video))
+
+    whole, _ = plan.plan_clips([dataset], {}, 8)
+    probed.clear()
+    parts = []
+    for rank in range(2):
+        parts.append(plan.plan_clips([dataset], {}, 8, rank=rank, world=2)[0])
+    assert len(probed) == 5 and len(set(map(repr, probed))) == 5  # each video probed by one rank only
+    assert {len(part) for part in parts} == {2, 3}
+    assert sorted(c.key for part in parts for c in part) == sorted(c.key for c in whole)

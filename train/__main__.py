@@ -1,6 +1,6 @@
 """`python -m train ...` is `crepa train ...`."""
 
-from train.cli import train_command
+from crepa_cli.train import train_command
 
 if __name__ == "__main__":
     train_command(prog_name="python -m train")

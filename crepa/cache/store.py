@@ -363,6 +363,12 @@ class CacheStore:
         _check_name(name, "plan name")
         write_json(self._fs, f"{self._root}/plans/{name}.json", _jsonable(plan, f"plan {name!r}"))
 
+    def remove_plan(self, name: str) -> None:
+        """Delete `plans/<name>.json`, a plan another one now replaces; its entries stay in the store."""
+        self._check_writable("remove a plan")
+        _check_name(name, "plan name")
+        self._fs.rm(f"{self._root}/plans/{name}.json")
+
     def write_report(self, name: str, report: dict) -> None:
         """Atomically write `reports/<name>.json`: what a run did, kept beside the data for later reading."""
         self._check_writable("write a report")

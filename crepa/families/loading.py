@@ -1,4 +1,9 @@
-"""`from_pretrained` for pipeline components, with one clear error when a component cannot be found."""
+"""`from_pretrained` for pipeline components, with one clear error when a component cannot be found.
+
+A hub id found in the local Hugging Face cache is loaded from the snapshot its `refs/main` points to, and that
+snapshot's revision is part of the component's identity: the weights computed with and the fingerprint they are
+stored under always name the same revision, and a re-downloaded (updated) model gets a new fingerprint.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,33 @@ def component_location(model: str | None, subfolder: str, override: str | None) 
     return model, subfolder
 
 
+def hub_snapshot(repo_id: str) -> tuple[str, str] | None:
+    """(revision, snapshot folder) that the local hub cache resolves `repo_id`'s main branch to; None if not cached.
+
+    The cache is $HF_HUB_CACHE when set (read now, not at import), else huggingface_hub's default.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    folder = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    try:
+        with open(os.path.join(folder, "refs", "main"), encoding="utf-8") as ref:
+            revision = ref.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    snapshot = os.path.join(folder, "snapshots", revision)
+    return (revision, snapshot) if revision and os.path.isdir(snapshot) else None
+
+
+def _local(path: str) -> str:
+    """`path` itself when it is a folder, else the cached snapshot of that hub id, else the hub id unchanged."""
+    if os.path.isdir(path):
+        return path
+    cached = hub_snapshot(path)
+    return cached[1] if cached else path
+
+
 def load_pretrained(loader: Any, model: str | None, subfolder: str, override: str | None = None, **kwargs: Any) -> Any:
     """`loader.from_pretrained` on a pipeline component, offline-friendly.
 
@@ -40,7 +72,7 @@ def load_pretrained(loader: Any, model: str | None, subfolder: str, override: st
     if sub is not None:
         kwargs["subfolder"] = sub
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return loader.from_pretrained(_local(path), **kwargs)
     except (OSError, ValueError) as error:
         where = os.path.join(path, sub) if sub else path
         raise OSError(
@@ -54,7 +86,8 @@ def load_config(loader: Any, model: str | None, subfolder: str, override: str | 
     """A component's config without its weights (diffusers `load_config`)."""
     path, sub = component_location(model, subfolder, override)
     try:
-        return dict(loader.load_config(path, subfolder=sub) if sub else loader.load_config(path))
+        local = _local(path)
+        return dict(loader.load_config(local, subfolder=sub) if sub else loader.load_config(local))
     except (OSError, ValueError) as error:
         where = os.path.join(path, sub) if sub else path
         raise OSError(
@@ -67,12 +100,15 @@ def component_identity(model: str | None, subfolder: str, override: str | None =
     """What names a component in cache fingerprints, without loading it.
 
     For a local folder: its absolute path and every file's name, size and mtime, so re-saved
-    weights give a new identity. For a hub id: the id and subfolder.
+    weights give a new identity. For a hub id: the id, subfolder and the revision of its snapshot in the
+    local hub cache. A hub id not in that cache has revision None: it is downloaded at load time, and the next
+    run finds its revision and keys the component by it, so what was computed unpinned is recomputed, not reused.
     """
     path, sub = component_location(model, subfolder, override)
     folder = os.path.join(path, sub) if sub else path
     if not os.path.isdir(folder):
-        return {"hub_id": path, "subfolder": sub}
+        cached = hub_snapshot(path)
+        return {"hub_id": path, "subfolder": sub, "revision": cached[0] if cached else None}
     files = []
     for root, _dirs, names in os.walk(folder):
         for name in sorted(names):

@@ -1,0 +1,32 @@
+"""`crepa train`: one click option per TrainConfig field, merged over an optional --config file."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from crepa_cli.errors import UserErrorCommand
+from crepa_cli.options import CONTEXT_SETTINGS, build_config, config_options
+from train.config import TrainConfig, read_config_file
+
+
+@click.command("train", cls=UserErrorCommand, context_settings=CONTEXT_SETTINGS)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML/JSON with any of these options (e.g. a previous run's train_config.json).")
+@config_options(TrainConfig)
+@click.pass_context
+def train_command(ctx: click.Context, config_file: str | None, **options) -> None:
+    """Train the transformer (LoRA or full) on a cache with flow matching + CREPA."""
+    from train.trainer import run_train
+
+    merged = read_config_file(config_file) if config_file else {}
+    for name, value in options.items():
+        if config_file is None or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            merged[name] = value
+    result = run_train(build_config(TrainConfig, merged))
+    if result.lora_path:
+        click.echo(f"LoRA: {result.lora_path}")
+    if result.projector_path:
+        click.echo(f"projector: {result.projector_path}")
+    if result.plot_path:
+        click.echo(f"curves: {result.plot_path}")

@@ -105,3 +105,22 @@ def test_options_come_from_the_dataclass_nested_fields_flattened():
     assert built == [Outer(path="x", names=["p", "q"], inner=Inner(mode="b"), skip=True, fast=False)]
     assert "Missing option '--in'" in CliRunner().invoke(command, []).output
     assert "'c' is not one of 'a', 'b'" in CliRunner().invoke(command, ["--in", "x", "--inner-mode", "c"]).output
+
+
+def test_train_choices_show_on_the_command_line_and_bind_the_config():
+    from train.config import TrainConfig
+
+    result = CliRunner().invoke(main, ["train", "--help"], prog_name="crepa", terminal_width=200)
+    for option, choices in (("--optimizer", "adamw|adam|sgd"), ("--base-dtype", "bf16|fp16|fp32|fp8"),
+                            ("--crepa-scheduler", "constant|linear|cosine|polynomial"),
+                            ("--mixed-precision", "no|bf16|fp16")):
+        assert re.search(rf"{option} \[{re.escape(choices)}\]", result.output), option
+    with pytest.raises(ValueError, match=r"--optimizer='lion'; use one of adamw, adam, sgd"):
+        TrainConfig(optimizer="lion")
+
+
+def test_a_full_fine_tune_refuses_the_comfyui_lora_export():
+    from train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--comfyui-export writes a LoRA.*drop --comfyui-export or --full"):
+        TrainConfig(full=True, base_dtype="fp32", comfyui_export=True)

@@ -141,7 +141,7 @@ def test_bf16_base_loss_curve_follows_the_fp32_one(tmp_path, trained_cache, tiny
 def test_narrow_base_with_full_fine_tune_is_refused():
     with pytest.raises(ValueError, match="--full .*--base-dtype fp32"):
         TrainConfig(full=True, base_dtype="bf16")
-    with pytest.raises(ValueError, match="--base-dtype='int4' is unknown"):
+    with pytest.raises(ValueError, match="--base-dtype='int4'; use one of bf16, fp16, fp32, fp8"):
         TrainConfig(base_dtype="int4")
     assert TrainConfig().base_dtype == "bf16" and TrainConfig(full=True).base_dtype == "fp32"
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
-from crepa.schedule import CrepaScheduleConfig
+from crepa.fields import check_choices
+from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BASE_DTYPES = ("bf16", "fp16", "fp32", "fp8")
+PROJECTORS = ("linear", "mlp")
+REPORT_TO = ("tensorboard", "none")
 
 
 @dataclass
@@ -56,11 +59,11 @@ class TrainConfig:
     """That deeper block (backbone mode)."""
     crepa_encoder: str | None = None
     """Teacher set to use when the cache holds several (encoder name or set fingerprint)."""
-    crepa_projector: str = "linear"
+    crepa_projector: str = field(default="linear", metadata={"choices": PROJECTORS})
     """linear (LayerNorm + Linear) or mlp (REPA-style)."""
     crepa_projector_lr: float | None = None
     """Projector learning rate (default: learning_rate)."""
-    crepa_scheduler: str = "constant"
+    crepa_scheduler: str = field(default="constant", metadata={"choices": SCHEDULERS})
     """Lambda schedule: constant, linear, cosine, polynomial."""
     crepa_lambda_end: float = 0.0
     """Lambda reached at crepa_decay_steps."""
@@ -76,13 +79,13 @@ class TrainConfig:
     """Switch CREPA off when the EMA of the alignment score passes this."""
     crepa_similarity_ema_decay: float = 0.99
     """EMA decay for that threshold."""
-    crepa_threshold_mode: str = "permanent"
+    crepa_threshold_mode: str = field(default="permanent", metadata={"choices": THRESHOLD_MODES})
     """permanent or recoverable."""
 
     # LoRA / full
     full: bool = False
     """Full fine-tune instead of LoRA."""
-    base_dtype: str | None = None
+    base_dtype: str | None = field(default=None, metadata={"choices": BASE_DTYPES})
     """Storage of the frozen base weights: bf16, fp16, fp32 or fp8 (scaled, upcast to bf16 per layer).
     Default bf16 for LoRA, fp32 with --full (trained weights keep fp32 masters)."""
     lora_rank: int = 16
@@ -99,11 +102,11 @@ class TrainConfig:
     # optimisation
     learning_rate: float = 1e-4
     """Peak learning rate."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = field(default="constant", metadata={"choices": LR_SCHEDULERS})
     """constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
     lr_warmup_steps: int = 0
     """Learning-rate warmup steps."""
-    optimizer: str = "adamw"
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
     """adamw, adam or sgd."""
     weight_decay: float = 1e-2
     """Decoupled weight decay (AdamW)."""
@@ -119,13 +122,13 @@ class TrainConfig:
     """Epochs when max_train_steps is unset."""
     num_repeats: int = 1
     """Times each clip appears per epoch (multiplies the dataset's own num_repeats)."""
-    mixed_precision: str = "no"
+    mixed_precision: str = field(default="no", metadata={"choices": MIXED_PRECISION})
     """no, bf16, fp16."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
     seed: int = 0
     """Seed of data order, noise and timesteps."""
-    timestep_sampling: str = "logit_normal"
+    timestep_sampling: str = field(default="logit_normal", metadata={"choices": TIMESTEP_SAMPLING})
     """uniform or logit_normal sigma density."""
     logit_mean: float = 0.0
     """Mean of the logit-normal density."""
@@ -143,20 +146,15 @@ class TrainConfig:
     """Keep at most this many checkpoints."""
     resume: str | None = None
     """'latest' or a checkpoint folder to continue from."""
-    report_to: str = "tensorboard"
+    report_to: str = field(default="tensorboard", metadata={"choices": REPORT_TO})
     """tensorboard or none."""
     log_every: int = 1
     """Steps between logged points."""
 
     def __post_init__(self) -> None:
-        checks = [
-            ("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS), ("timestep_sampling", TIMESTEP_SAMPLING),
-            ("mixed_precision", MIXED_PRECISION), ("crepa_projector", ("linear", "mlp")),
-            ("report_to", ("tensorboard", "none")),
-        ]
-        for name, allowed in checks:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{_flag(name)}={getattr(self, name)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.base_dtype is None:
+            self.base_dtype = "fp32" if self.full else "bf16"
+        check_choices(self)
         for name in ("batch_size", "gradient_accumulation_steps", "num_repeats", "lora_rank", "checkpointing_steps",
                      "num_train_epochs", "log_every"):
             if getattr(self, name) < 1:
@@ -165,13 +163,12 @@ class TrainConfig:
             raise ValueError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
         if self.crepa_use_backbone_features and self.crepa_teacher_block_index is None:
             raise ValueError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
-        if self.base_dtype is None:
-            self.base_dtype = "fp32" if self.full else "bf16"
-        if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"--base-dtype={self.base_dtype!r} is unknown; use one of {', '.join(BASE_DTYPES)}")
         if self.full and self.base_dtype != "fp32":
             raise ValueError(f"--full trains the base weights, which need fp32 master copies: use --base-dtype fp32 "
                              f"(with --mixed-precision bf16 for bf16 compute), not {self.base_dtype}")
+        if self.full and self.comfyui_export:
+            raise ValueError("--comfyui-export writes a LoRA, and a --full run trains the whole transformer (saved "
+                             "under transformer/); drop --comfyui-export or --full")
         self.schedule_config()  # validates the lambda schedule options
 
     def require_paths(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crepa.errors import UserError
 from crepa.families.base import FamilyAdapter
 
 
@@ -28,7 +29,7 @@ class BlockCapture:
         if teacher_block_index is not None:
             adapter.check_block_index(transformer, teacher_block_index, "crepa_teacher_block_index")
             if teacher_block_index <= block_index:
-                raise ValueError(
+                raise UserError(
                     f"crepa_teacher_block_index={teacher_block_index} must be deeper than "
                     f"crepa_block_index={block_index}"
                 )

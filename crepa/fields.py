@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 import textwrap
 
+from crepa.errors import UserError
+
 
 def flag_name(field: dataclasses.Field) -> str:
     """The option's name without dashes in front, e.g. "encoder-image-size"."""
@@ -36,4 +38,4 @@ def check_choices(config: object) -> None:
         allowed = field.metadata.get("choices")
         value = getattr(config, field.name)
         if allowed is not None and value not in allowed:
-            raise ValueError(f"--{flag_name(field)}={value!r}; use one of {', '.join(allowed)}")
+            raise UserError(f"--{flag_name(field)}={value!r}; use one of {', '.join(allowed)}")

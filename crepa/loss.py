@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from crepa.errors import UserError
+
 
 @dataclass
 class CrepaScores:
@@ -31,7 +33,7 @@ class CrepaScores:
 def neighbour_offsets(distance: int, num_frames: int, cumulative: bool) -> list[int]:
     """Offsets O whose neighbours are aligned: {d'} or {1..d'} with d' = min(d, F-1)."""
     if distance < 0:
-        raise ValueError(f"crepa distance must be >= 0, got {distance}")
+        raise UserError(f"crepa distance must be >= 0, got {distance}")
     clamped = min(distance, num_frames - 1)
     if clamped <= 0:
         return []
@@ -128,16 +130,16 @@ def crepa_scores(
     loop over frames.
     """
     if student.ndim != 5 or teacher.ndim != 5:
-        raise ValueError(
+        raise UserError(
             f"student and teacher must be (B, F, h, w, D); got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if student.shape[:2] != teacher.shape[:2] or student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
+        raise UserError(
             "student and teacher must agree on batch, frames and channels; "
             f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if tau <= 0:
-        raise ValueError(f"crepa tau must be > 0, got {tau}")
+        raise UserError(f"crepa tau must be > 0, got {tau}")
 
     teacher = teacher.detach().to(student.dtype)
     p, y = align_grids(student, teacher, spatial_align)

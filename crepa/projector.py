@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from crepa.errors import UserError
+
 
 class CrepaProjector(nn.Module):
     """LayerNorm(D_dit) + Linear(D_dit -> D_enc), always computed in fp32.
@@ -29,7 +31,7 @@ class CrepaProjector(nn.Module):
                 nn.Linear(mlp_hidden_dim, teacher_dim),
             )
         else:
-            raise ValueError(f"unknown projector kind {kind!r}; use 'linear' (default) or 'mlp'")
+            raise UserError(f"unknown projector kind {kind!r}; use 'linear' (default) or 'mlp'")
         self.float()
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

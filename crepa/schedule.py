@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from crepa.errors import UserError
+
 SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
 THRESHOLD_MODES = ("permanent", "recoverable")
 
@@ -36,22 +38,22 @@ class CrepaScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"crepa_scheduler={self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+            raise UserError(f"crepa_scheduler={self.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         if self.threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(
+            raise UserError(
                 f"crepa_threshold_mode={self.threshold_mode!r} is unknown; choose one of {', '.join(THRESHOLD_MODES)}"
             )
         if self.scheduler != "constant" and self.decay_steps <= self.warmup_steps:
-            raise ValueError(
+            raise UserError(
                 f"crepa_scheduler={self.scheduler} needs crepa_decay_steps > crepa_warmup_steps "
                 f"(got {self.decay_steps} and {self.warmup_steps}); "
                 "set the step at which lambda reaches crepa_lambda_end"
             )
         if not 0.0 <= self.similarity_ema_decay < 1.0:
-            raise ValueError(f"crepa_similarity_ema_decay must be in [0, 1), got {self.similarity_ema_decay}")
+            raise UserError(f"crepa_similarity_ema_decay must be in [0, 1), got {self.similarity_ema_decay}")
         for name in ("warmup_steps", "decay_steps", "cutoff_step"):
             if getattr(self, name) < 0:
-                raise ValueError(f"crepa_{name} must be >= 0, got {getattr(self, name)}")
+                raise UserError(f"crepa_{name} must be >= 0, got {getattr(self, name)}")
 
 
 class CrepaWeightSchedule:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crepa.cache.store import CODECS
+from crepa.errors import UserError
 from crepa.fields import check_choices
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,9 +40,9 @@ class TeacherSettings:
     def __post_init__(self) -> None:
         check_choices(self)
         if self.image_size < 14:
-            raise ValueError(f"--encoder-image-size must be at least one patch (14), got {self.image_size}")
+            raise UserError(f"--encoder-image-size must be at least one patch (14), got {self.image_size}")
         if self.pool < 1:
-            raise ValueError(f"--teacher-pool must be >= 1, got {self.pool}")
+            raise UserError(f"--teacher-pool must be >= 1, got {self.pool}")
 
 
 @dataclass
@@ -114,7 +115,7 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         if self.decode_workers < 0:
-            raise ValueError(f"--decode-workers must be >= 0, got {self.decode_workers}")
+            raise UserError(f"--decode-workers must be >= 0, got {self.decode_workers}")
         for name in ("encoder_batch_size", "text_batch_size", "max_segment_mb", "segment_clips"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

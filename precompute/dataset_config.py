@@ -17,6 +17,8 @@ from typing import Any
 
 import braceexpand
 
+from crepa.errors import UserError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -27,7 +29,7 @@ FRAME_EXTRACTIONS = ("head", "chunk", "slide", "uniform")
 CROPS = ("center", "none")
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError):
     """A dataset TOML file that cannot be used as written."""
 
 

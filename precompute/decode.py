@@ -30,6 +30,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from crepa.errors import UserError
 from precompute.video_refs import DatasetRow, ShardMember
 
 VideoSource = str | bytes | ShardMember | DatasetRow
@@ -54,7 +55,7 @@ def stream_fps(stream: av.video.stream.VideoStream) -> float:
     """Nominal frame rate of `stream`; frame indices everywhere are counted at this rate."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
-        raise ValueError("the video stream reports no frame rate")
+        raise UserError("the video stream reports no frame rate")
     return float(rate)
 
 
@@ -78,7 +79,7 @@ def decode_segment(source: VideoSource, frame_indices: Sequence[int], bucket: tu
                 break
     missing = sorted(wanted - images.keys())
     if missing:
-        raise ValueError(
+        raise UserError(
             f"the video ended before frame {missing[0]} ({len(images)} of {len(wanted)} frames decoded); "
             "its frame count metadata is wrong or the file is truncated"
         )
@@ -116,7 +117,7 @@ def _crop_box(size: tuple[int, int], bucket: tuple[int, int], crop: str) -> tupl
     if crop == "none":
         return 0.0, 0.0, float(width), float(height)
     if crop != "center":
-        raise ValueError(f"crop={crop!r} is unknown; use center or none")
+        raise UserError(f"crop={crop!r} is unknown; use center or none")
     aspect = bucket[0] / bucket[1]
     if width / height > aspect:  # too wide: keep full height
         crop_width = height * aspect
@@ -242,9 +243,9 @@ class DecodePool:
 
     def __init__(self, num_workers: int, timeout_s: float = 60.0) -> None:
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 (0 decodes in this process), got {num_workers}")
+            raise UserError(f"num_workers must be >= 0 (0 decodes in this process), got {num_workers}")
         if timeout_s <= 0:
-            raise ValueError(f"the decode timeout must be > 0 seconds, got {timeout_s}")
+            raise UserError(f"the decode timeout must be > 0 seconds, got {timeout_s}")
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self._context = get_context("spawn")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from crepa.cache.keys import clip_key, text_key
+from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource
 from precompute.sampling import bucket_name, choose_bucket, plan_segments, probe_video
@@ -54,7 +55,7 @@ def check_bucket_sizes(dataset: DatasetConfig, multiple: int, config_path: str) 
     """Buckets must divide into whole latent patches, or the DiT cannot take them."""
     for width, height in dataset.resolutions:
         if width % multiple or height % multiple:
-            raise ValueError(
+            raise UserError(
                 f"{config_path}: dataset {dataset.name!r} resolution [{width}, {height}] is not a multiple of "
                 f"{multiple} (VAE compression x patch size); use e.g. [{round(width / multiple) * multiple}, "
                 f"{round(height / multiple) * multiple}]"

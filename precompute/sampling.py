@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource, open_video, stream_fps
 
@@ -56,7 +57,7 @@ def probe_video(source: VideoSource) -> VideoInfo:
     container does not record them."""
     with open_video(source) as container:
         if not container.streams.video:
-            raise ValueError("the file has no video stream")
+            raise UserError("the file has no video stream")
         stream = container.streams.video[0]
         num_frames = stream.frames or sum(1 for _ in container.decode(stream))
         return VideoInfo(num_frames, stream_fps(stream), stream.codec_context.width, stream.codec_context.height)
@@ -94,7 +95,7 @@ def plan_segments(info: VideoInfo, dataset: DatasetConfig) -> SegmentPlan:
             count = dataset.frame_sample
             windows.extend((last * i // (count - 1) if count > 1 else 0, frames) for i in range(count))
         else:
-            raise ValueError(f"{dataset.origin}: frame_extraction={dataset.frame_extraction!r} is unknown")
+            raise UserError(f"{dataset.origin}: frame_extraction={dataset.frame_extraction!r} is unknown")
     segments = [
         Segment(start, frames, fps, tuple(indices[start : start + frames])) for start, frames in dict.fromkeys(windows)
     ]

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import fsspec
 
 from crepa.cache.keys import bytes_identity, file_identity
+from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource
 from precompute.video_refs import DatasetRow, ShardMember, hf_split, video_column
@@ -63,7 +64,7 @@ def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterat
         if index % world == rank:
             yield make_item()
     if count == 0:
-        raise ValueError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
+        raise UserError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
 
 
 _Lazy = Iterator[Callable[[], VideoItem]]
@@ -119,9 +120,9 @@ def _jsonl_items(dataset: DatasetConfig) -> _Lazy:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
+                raise UserError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
             if not isinstance(record, dict) or not isinstance(record.get("video_path"), str):
-                raise ValueError(f'{where} has no "video_path" string; each line needs {{"video_path", "caption"}}')
+                raise UserError(f'{where} has no "video_path" string; each line needs {{"video_path", "caption"}}')
             yield lambda record=record, where=where: item(record, where)
 
 
@@ -144,11 +145,11 @@ def _hf_items(dataset: DatasetConfig) -> _Lazy:
     try:
         loaded = hf_split(dataset.hf_dataset, dataset.hf_split)
     except ValueError as error:
-        raise ValueError(f"{dataset.origin}: {error}") from None
+        raise UserError(f"{dataset.origin}: {error}") from None
     for field in ("video_column", "caption_column"):
         column = getattr(dataset, field)
         if column not in loaded.column_names:
-            raise ValueError(
+            raise UserError(
                 f"{dataset.origin}: {field} {column!r} is not a column of {dataset.hf_dataset}; "
                 f"columns: {', '.join(loaded.column_names)}"
             )
@@ -165,7 +166,7 @@ def _hf_items(dataset: DatasetConfig) -> _Lazy:
         else:
             name = value.get("path") if isinstance(value, dict) else value
             if not isinstance(name, str) or not name:
-                raise ValueError(f"{where}: column {dataset.video_column!r} holds no video path or bytes")
+                raise UserError(f"{where}: column {dataset.video_column!r} holds no video path or bytes")
             video = _resolve(name, str(local) if local.exists() else None)
             identity = _identity_of_path(video, where)
         caption, error = captions[row][dataset.caption_column], None
@@ -190,7 +191,7 @@ def _webdataset_item(dataset: DatasetConfig, shard: str, key: str, members: dict
     video = members.get(dataset.video_extension)
     if video is None:
         listing = ", ".join(sorted(members))
-        raise ValueError(
+        raise UserError(
             f"{dataset.origin}: sample {name} has no .{dataset.video_extension} member (it has: {listing}); "
             "set video_extension to the member holding the video"
         )
@@ -213,7 +214,7 @@ def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, ShardMember]]]:
         try:
             archive = tarfile.open(fileobj=stream, mode="r:")
         except tarfile.ReadError as error:
-            raise ValueError(f"{shard} is not an uncompressed tar ({error}); members are read by byte range, "
+            raise UserError(f"{shard} is not an uncompressed tar ({error}); members are read by byte range, "
                              "so decompress the shard (e.g. gunzip) first") from None
         with archive:
             for info in archive:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from crepa.encoders import resolve_encoder
+from crepa.errors import UserError
 from precompute.config import TeacherSettings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,7 +56,7 @@ class TeacherEncoder:
         self.model = load_pretrained(AutoModel, None, "encoder", resolve_encoder(settings.encoder), dtype=dtype)
         config = self.model.config
         if not hasattr(config, "patch_size") or not hasattr(config, "hidden_size"):
-            raise ValueError(f"encoder {settings.encoder!r} is not a ViT with patch tokens (got {type(self.model)})")
+            raise UserError(f"encoder {settings.encoder!r} is not a ViT with patch tokens (got {type(self.model)})")
         self.model.to(device).eval().requires_grad_(False)
         self.patch = config.patch_size
         self.dim = config.hidden_size

@@ -11,6 +11,8 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+from crepa.errors import UserError
+
 
 @dataclass(frozen=True)
 class ShardMember:
@@ -30,7 +32,7 @@ class ShardMember:
             shard.seek(self.offset)
             data = shard.read(self.size)
         if len(data) != self.size:
-            raise ValueError(f"{self.url}: member {self.name} is truncated ({len(data)} of {self.size} bytes)")
+            raise UserError(f"{self.url}: member {self.name} is truncated ({len(data)} of {self.size} bytes)")
         return data
 
 
@@ -58,7 +60,7 @@ def hf_split(dataset: str, split: str):
     loaded = datasets.load_from_disk(dataset)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"hf_split {split!r} is not in {dataset}; use one of {', '.join(loaded)}")
+            raise UserError(f"hf_split {split!r} is not in {dataset}; use one of {', '.join(loaded)}")
         loaded = loaded[split]
     return loaded
 

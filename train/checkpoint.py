@@ -13,6 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crepa.errors import UserError
+
 PROJECTOR_WEIGHTS = "crepa_projector.safetensors"
 
 
@@ -58,7 +60,7 @@ def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
     state = _read(os.path.join(folder, "trainable.safetensors"), load_file)
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
     if missing:
-        raise ValueError(f"checkpoint {folder} does not match this model (missing {missing[0]} ...); "
+        raise UserError(f"checkpoint {folder} does not match this model (missing {missing[0]} ...); "
                          "resume with the same --lora-* / --full options")
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -67,7 +69,7 @@ def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
     if projector is not None:
         projector_path = os.path.join(folder, PROJECTOR_WEIGHTS)
         if not os.path.exists(projector_path):
-            raise ValueError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
+            raise UserError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
         projector.load_state_dict(_read(projector_path, load_file))
     saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
     optimizer.load_state_dict(saved["optimizer"])
@@ -104,15 +106,15 @@ def _load_json(path: str) -> dict:
 def _read(path: str, load):
     """`load(path)`, with one clear error for a file that is missing, damaged or holds more than data."""
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint file {path} is missing; resume from another checkpoint-N folder")
+        raise UserError(f"checkpoint file {path} is missing; resume from another checkpoint-N folder")
     try:
         return load(path)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} holds more than tensors and plain values, which this tool never writes; "
+        raise UserError(f"{path} holds more than tensors and plain values, which this tool never writes; "
                          "refusing to load it (unpickling it could run code): resume from a checkpoint you trust"
                          ) from error
     except (RuntimeError, EOFError, OSError, SafetensorError, ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is damaged ({error}); resume from another checkpoint-N folder") from error
+        raise UserError(f"{path} is damaged ({error}); resume from another checkpoint-N folder") from error
 
 
 def find_checkpoint(output_dir: str, resume: str) -> str:

@@ -7,6 +7,7 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
+from crepa.errors import UserError
 from crepa.fields import check_choices
 from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
 
@@ -158,16 +159,16 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "num_repeats", "lora_rank", "checkpointing_steps",
                      "num_train_epochs", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
+            raise UserError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
         if self.crepa_use_backbone_features and self.crepa_teacher_block_index is None:
-            raise ValueError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
+            raise UserError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
         if self.full and self.base_dtype != "fp32":
-            raise ValueError(f"--full trains the base weights, which need fp32 master copies: use --base-dtype fp32 "
+            raise UserError(f"--full trains the base weights, which need fp32 master copies: use --base-dtype fp32 "
                              f"(with --mixed-precision bf16 for bf16 compute), not {self.base_dtype}")
         if self.full and self.comfyui_export:
-            raise ValueError("--comfyui-export writes a LoRA, and a --full run trains the whole transformer (saved "
+            raise UserError("--comfyui-export writes a LoRA, and a --full run trains the whole transformer (saved "
                              "under transformer/); drop --comfyui-export or --full")
         self.schedule_config()  # validates the lambda schedule options
 
@@ -175,7 +176,7 @@ class TrainConfig:
         """The three locations every run needs, checked once options from all sources are merged."""
         for name in ("cache", "model", "output_dir"):
             if not getattr(self, name):
-                raise ValueError(f"--{_flag(name)} is required (on the command line or in --config)")
+                raise UserError(f"--{_flag(name)} is required (on the command line or in --config)")
 
     def schedule_config(self) -> CrepaScheduleConfig:
         return CrepaScheduleConfig(
@@ -208,5 +209,5 @@ def read_config_file(path: str) -> dict:
 
         hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1)) else u
                  for u in unknown]
-        raise ValueError(f"{path}: unknown option(s) {', '.join(hints)}")
+        raise UserError(f"{path}: unknown option(s) {', '.join(hints)}")
     return data

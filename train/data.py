@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView, ViewClip
 from crepa.cache.wds import INDEX_NAME, decoded, shard_samples
+from crepa.errors import UserError
 
 
 def is_webdataset(cache: str) -> bool:
@@ -106,7 +107,7 @@ class WebDatasetClips(IterableDataset):
     def __init__(self, urls: list[str], batch_size: int, seed: int, with_teacher: bool, *, batches_per_epoch: int,
                  rank: int = 0, world: int = 1, num_repeats: int = 1, buffer: int = 64):
         if not urls:
-            raise ValueError("no webdataset shards found; export them with `crepa cache export --format wds`")
+            raise UserError("no webdataset shards found; export them with `crepa cache export --format wds`")
         self.urls, self.batch_size, self.seed, self.with_teacher = urls, batch_size, seed, with_teacher
         self.batches_per_epoch, self.rank, self.world = batches_per_epoch, rank, world
         self.num_repeats, self.buffer = num_repeats, buffer
@@ -147,7 +148,7 @@ class WebDatasetClips(IterableDataset):
                     if produced == quota:
                         return
             if not seen:
-                raise ValueError(f"rank {self.rank} loader worker {worker} got no samples from {len(urls)} shard(s); "
+                raise UserError(f"rank {self.rank} loader worker {worker} got no samples from {len(urls)} shard(s); "
                                  "use fewer ranks or --dataloader-num-workers, or export more clips")
             passes += 1
 
@@ -169,7 +170,7 @@ class WebDatasetClips(IterableDataset):
 
     def _record(self, sample: dict) -> dict:
         if self.with_teacher and "teacher.npy" not in sample:
-            raise ValueError(f"shard sample {sample['__key__']} has no teacher.npy; export with the teacher "
+            raise UserError(f"shard sample {sample['__key__']} has no teacher.npy; export with the teacher "
                              "or train with --crepa-use-backbone-features / --no-crepa-enabled")
         return to_tensors({"key": sample["__key__"], "latents": sample["latents.npy"], "text": sample["text.npy"],
                            "teacher": sample.get("teacher.npy") if self.with_teacher else None})

@@ -13,6 +13,7 @@ from crepa.cache.export import cache_family
 from crepa.cache.store import CacheStore
 from crepa.cache.wds import ShardIndex, iter_webdataset, read_index
 from crepa.encoders import resolve_encoder
+from crepa.errors import UserError
 from train.config import TrainConfig
 from train.data import BucketBatchSampler, WebDatasetClips, ZarrClips, collate, is_webdataset
 
@@ -61,7 +62,7 @@ def default_family(cache: str) -> str:
     if is_webdataset(cache):
         family = read_index(cache).meta.get("family")
         if not family:
-            raise ValueError(f"the shard index of {cache} records no family; pass --family")
+            raise UserError(f"the shard index of {cache} records no family; pass --family")
         return family
     return cache_family(CacheStore.open(cache))
 
@@ -76,7 +77,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     dataset = ZarrClips(cfg.cache, cfg.family, cfg.crepa_encoder, with_teacher)
     view = dataset.view
     if not dataset.clips:
-        raise ValueError(f"cache {cfg.cache} has no complete clip for this configuration "
+        raise UserError(f"cache {cfg.cache} has no complete clip for this configuration "
                          f"({len(view.incomplete)} incomplete); finish it with `crepa precompute`")
     sampler = BucketBatchSampler([c.group for c in dataset.clips],
                                  [c.num_repeats * cfg.num_repeats for c in dataset.clips], cfg.batch_size, cfg.seed,
@@ -107,17 +108,17 @@ def check_shards(index: ShardIndex, cfg: TrainConfig, with_teacher: bool) -> Non
     """The shards were made for this family and hold the teacher set asked for, checked before any model loads."""
     meta = index.meta
     if meta.get("family") and meta["family"] != cfg.family:
-        raise ValueError(f"shards of {cfg.cache} were exported for family {meta['family']}, not --family "
+        raise UserError(f"shards of {cfg.cache} were exported for family {meta['family']}, not --family "
                          f"{cfg.family}; pass --family {meta['family']} or export the {cfg.family} view")
     if not with_teacher:
         return
     if "teacher_set" in meta and not meta["teacher_set"]:
-        raise ValueError(f"shards of {cfg.cache} carry no teacher features; export them with the teacher or train "
+        raise UserError(f"shards of {cfg.cache} carry no teacher features; export them with the teacher or train "
                          "with --crepa-use-backbone-features / --no-crepa-enabled")
     if cfg.crepa_encoder:
         have = {meta.get("encoder"), meta.get("encoder_path"), meta.get("teacher_set")} - {None}
         if not have & {cfg.crepa_encoder, resolve_encoder(cfg.crepa_encoder)}:
-            raise ValueError(f"shards of {cfg.cache} hold teacher set {meta.get('teacher_set')} (encoder "
+            raise UserError(f"shards of {cfg.cache} hold teacher set {meta.get('teacher_set')} (encoder "
                              f"{meta.get('encoder')}), not --crepa-encoder {cfg.crepa_encoder}; export the shards "
                              "with that encoder or drop --crepa-encoder")
 
@@ -127,7 +128,7 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
     check_shards(index, cfg, with_teacher)
     slots = world * max(1, cfg.dataloader_num_workers)
     if sum(index.nsamples) < slots:
-        raise ValueError(f"{index.url} holds {sum(index.nsamples)} samples, too few for {world} rank(s) x "
+        raise UserError(f"{index.url} holds {sum(index.nsamples)} samples, too few for {world} rank(s) x "
                          f"{max(1, cfg.dataloader_num_workers)} loader worker(s); use fewer of either")
     total = sum(index.repeated) * cfg.num_repeats
     batches_per_epoch = max(1, total // (cfg.batch_size * world))
@@ -136,7 +137,7 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
     first = next(iter_webdataset(index.urls[:1]))  # shapes and text length from the first sample
     meta, latents, text, teacher = first["json"], first["latents.npy"], first["text.npy"], first.get("teacher.npy")
     if with_teacher and teacher is None:
-        raise ValueError(f"shards in {cfg.cache} carry no teacher features; export them with the teacher")
+        raise UserError(f"shards in {cfg.cache} carry no teacher features; export them with the teacher")
     text_length = meta["text_max_length"]
     collate_fn = functools.partial(collate, text_length=text_length)
 

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from crepa.errors import UserError
 from crepa.families.base import FamilyAdapter
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -22,7 +23,7 @@ def add_lora(transformer: nn.Module, rank: int, alpha: float, dropout: float, ta
                                        init_lora_weights=True))
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError(f"--lora-target-modules {targets} matched no module of the transformer; "
+        raise UserError(f"--lora-target-modules {targets} matched no module of the transformer; "
                          "use names like to_q, to_k, to_v, to_out.0")
     for parameter in trainable:  # train the adapter in fp32 even when the base is bf16
         parameter.data = parameter.data.float()
@@ -49,7 +50,7 @@ def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> None
     missing = [name for name in lora_layers(transformer) if name not in names]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise ValueError(f"--comfyui-export: ComfyUI's {adapter.name} model has no module for the LoRA layer(s) "
+        raise UserError(f"--comfyui-export: ComfyUI's {adapter.name} model has no module for the LoRA layer(s) "
                          f"{shown}, so ComfyUI would skip them; drop them from --lora-target-modules or drop "
                          "--comfyui-export")
 

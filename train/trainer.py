@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from crepa.capture import BlockCapture
+from crepa.errors import UserError
 from crepa.families import FamilyAdapter, get_family
 from crepa.families.loading import load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
@@ -116,18 +117,18 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
     model = adapter.unwrap(transformer)
     channels = model.config.in_channels
     if data.latent_channels != channels:
-        raise ValueError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
+        raise UserError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
                          f"takes {channels}: the cache was made with another VAE; precompute it with this model")
     text_dim = adapter.text_embedding_dim(model)
     if data.text_dim != text_dim:
-        raise ValueError(f"cache text embeddings are {data.text_dim}-wide but the transformer takes {text_dim}: "
+        raise UserError(f"cache text embeddings are {data.text_dim}-wide but the transformer takes {text_dim}: "
                          "the cache was made with another text encoder; precompute it with this model's")
     if cfg.crepa_enabled:
         adapter.check_block_index(model, cfg.crepa_block_index, "crepa_block_index")
         if cfg.crepa_use_backbone_features:
             adapter.check_block_index(model, cfg.crepa_teacher_block_index, "crepa_teacher_block_index")
         elif data.teacher_frames is not None and data.teacher_frames != data.latent_frames:
-            raise ValueError(f"cache teacher has {data.teacher_frames} frames per clip but the latents have "
+            raise UserError(f"cache teacher has {data.teacher_frames} frames per clip but the latents have "
                              f"{data.latent_frames}; it was made with another VAE's temporal compression")
 
 

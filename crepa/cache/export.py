@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
 from crepa.cache.wds import export_webdataset
+from crepa.errors import UserError
 
 
 def cache_family(store: CacheStore, family: str | None = None) -> str:
@@ -15,9 +16,9 @@ def cache_family(store: CacheStore, family: str | None = None) -> str:
         return family
     families = sorted({plan["family"] for plan in store.plans().values()})
     if not families:
-        raise ValueError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
+        raise UserError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
     if len(families) > 1:
-        raise ValueError(f"cache {store.url} holds clips for families {', '.join(families)}; choose one with "
+        raise UserError(f"cache {store.url} holds clips for families {', '.join(families)}; choose one with "
                          f"--family")
     return families[0]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from crepa.errors import UserError
+
 QMAX = 127
 """Largest int8 step used; -127..127 keeps the grid symmetric (-128 is never produced)."""
 
@@ -31,7 +33,7 @@ def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float32)
     absmax = np.abs(x).max(axis=-1, keepdims=True)  # (..., 1)
     if not (absmax / QMAX <= np.finfo(np.float16).max).all():  # also false for inf and nan
-        raise ValueError("cannot quantise non-finite values or values beyond the fp16 scale range (|x| > 8.3e6)")
+        raise UserError("cannot quantise non-finite values or values beyond the fp16 scale range (|x| > 8.3e6)")
     scale = _scales(absmax)
     divisor = np.where(scale == 0, np.float32(1), scale.astype(np.float32))  # zero tokens divide by 1
     steps = np.clip(np.rint(x / divisor), -QMAX, QMAX)  # clip only guards float rounding at exactly QMAX

@@ -29,6 +29,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from crepa.cache.atomic import is_local
+from crepa.errors import UserError
 
 _EMPTY = 2**64 - 1  # shard index value of a chunk that was never written (all fill value)
 _CRC = 4  # bytes of a CRC32C checksum
@@ -76,7 +77,7 @@ class ByteSource:
 def _check_crc(payload: np.ndarray, stored: np.ndarray, what: str) -> None:
     """Raise unless `stored` (4 bytes, little-endian) is the CRC32C of `payload`."""
     if google_crc32c.value(payload) != int.from_bytes(stored.tobytes(), "little"):
-        raise ValueError(f"{what}: CRC32C checksum mismatch (corrupted data); run `crepa cache verify`")
+        raise UserError(f"{what}: CRC32C checksum mismatch (corrupted data); run `crepa cache verify`")
 
 
 class Rows:
@@ -130,7 +131,7 @@ class ShardRows(Rows):
         where = f"chunk {chunk} of {self.array.path}"
         if self.decompress is None:  # stored as is: read straight into the output, then check the trailer
             if length != flat.size + _CRC * self.crc:
-                raise ValueError(f"{where} holds {length} bytes, expected {flat.size + _CRC * self.crc}")
+                raise UserError(f"{where} holds {length} bytes, expected {flat.size + _CRC * self.crc}")
             self.source.read_into(key, offset, flat)
             if self.crc:
                 _check_crc(flat, self.source.read(key, offset + flat.size, _CRC), where)

@@ -39,6 +39,7 @@ from zarr.storage import FsspecStore, LocalStore
 from crepa.cache.atomic import fsync_tree, is_local, list_json, read_json_files, write_json
 from crepa.cache.keys import fingerprint
 from crepa.cache.rows import ByteSource, Rows, open_rows
+from crepa.errors import UserError
 
 SCHEMA_VERSION = 1
 FEATURE_KINDS = ("latents", "teacher", "text")
@@ -94,12 +95,12 @@ def checksum(array: np.ndarray) -> str:
 
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"{what} {name!r} must be a non-empty string of letters, digits, '_' or '-'")
+        raise UserError(f"{what} {name!r} must be a non-empty string of letters, digits, '_' or '-'")
 
 
 def _check_codec(codec: str) -> str:
     if codec not in CODECS:
-        raise ValueError(f"codec {codec!r} is unknown; use one of {', '.join(CODECS)}")
+        raise UserError(f"codec {codec!r} is unknown; use one of {', '.join(CODECS)}")
     return codec
 
 
@@ -115,7 +116,7 @@ def _compressors(codec: str) -> tuple[zarr.abc.codec.BytesBytesCodec, ...]:
 
 def _check_kind(kind: str) -> str:
     if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature kind {kind!r} is not one of {FEATURE_KINDS}")
+        raise UserError(f"feature kind {kind!r} is not one of {FEATURE_KINDS}")
     return kind
 
 
@@ -124,17 +125,17 @@ def _jsonable(obj: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(obj))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be JSON-serialisable (plain str/int/float/bool/list/dict): {exc}") from None
+        raise UserError(f"{what} must be JSON-serialisable (plain str/int/float/bool/list/dict): {exc}") from None
 
 
 def _check_root_attrs(url: str, attrs: dict) -> None:
     if attrs.get("format") != CACHE_FORMAT:
-        raise ValueError(
+        raise UserError(
             f"{url} is a Zarr store but not a crepa cache (root attribute format={attrs.get('format')!r}); "
             "point to a cache made by `crepa precompute`"
         )
     if attrs.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
+        raise UserError(
             f"cache at {url} has schema version {attrs.get('schema_version')!r} but this crepa reads version "
             f"{SCHEMA_VERSION}; rebuild it with `crepa precompute ... --out <new url>` or use the crepa release "
             "that wrote it"
@@ -184,7 +185,7 @@ class CacheStore:
     def open(cls, url: str, mode: str = "r") -> CacheStore:
         """Open a cache: mode "r" to read an existing one, mode "a" to create it if missing and write to it."""
         if mode not in ("r", "a"):
-            raise ValueError(f"mode={mode!r}: use 'r' to read a cache or 'a' to create or extend one")
+            raise UserError(f"mode={mode!r}: use 'r' to read a cache or 'a' to create or extend one")
         fs, root = fsspec.core.url_to_fs(url)
         root = root.rstrip("/")
         exists = fs.exists(f"{root}/zarr.json")
@@ -218,7 +219,7 @@ class CacheStore:
         _check_kind(kind)
         clash = {"kind", "identity"} & description.keys()
         if clash:
-            raise ValueError(f"description of a {kind} feature set must not hold {sorted(clash)}: they are set here")
+            raise UserError(f"description of a {kind} feature set must not hold {sorted(clash)}: they are set here")
         identity = _jsonable(identity, f"identity of the {kind} feature set")
         fset = FeatureSet(kind, fingerprint({"kind": kind, **identity}), {})
         try:
@@ -487,7 +488,7 @@ class SegmentWriter:
             writer_id = f"w{os.getpid()}"
         _check_name(writer_id, "writer_id")
         if max_segment_entries < 1 or max_segment_bytes < 1:
-            raise ValueError("max_segment_entries and max_segment_bytes must be >= 1")
+            raise UserError("max_segment_entries and max_segment_bytes must be >= 1")
         self.store = store
         self.fset = fset
         self.writer_id = writer_id
@@ -514,36 +515,36 @@ class SegmentWriter:
         if self._closed:
             raise RuntimeError(f"writer {self.writer_id} of {self.fset.path} is closed; open a new one")
         if not isinstance(key, str) or not key:
-            raise ValueError(f"entry key {key!r} must be a non-empty string")
+            raise UserError(f"entry key {key!r} must be a non-empty string")
         _check_name(group, "group")
         if not arrays:
-            raise ValueError(f"entry {key!r} has no arrays")
+            raise UserError(f"entry {key!r} has no arrays")
         copies = {}
         for name, value in arrays.items():
             _check_name(name, f"array name of entry {key!r}")
             # Copy: the caller may reuse its buffers before the flush. Native byte order so checksums match reads.
             array = np.asarray(value)
             if array.dtype.hasobject or array.dtype.kind not in "biufc":
-                raise ValueError(f"array {name} of entry {key!r} has dtype {array.dtype}; store numbers only")
+                raise UserError(f"array {name} of entry {key!r} has dtype {array.dtype}; store numbers only")
             copies[name] = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)
             if name in self.ragged and copies[name].ndim == 0:
-                raise ValueError(f"ragged array {name} of entry {key!r} is a scalar; it needs a first dim to vary")
+                raise UserError(f"ragged array {name} of entry {key!r} is a scalar; it needs a first dim to vary")
         meta = _jsonable(meta or {}, f"meta of entry {key!r}")
         reserved = set(_RESERVED_META) & meta.keys()
         if reserved:
-            raise ValueError(f"meta of entry {key!r} uses reserved names {sorted(reserved)}; rename them")
+            raise UserError(f"meta of entry {key!r} uses reserved names {sorted(reserved)}; rename them")
         spec = {
             name: (a.dtype.name, a.shape[1:] if name in self.ragged else a.shape) for name, a in sorted(copies.items())
         }
         pending = self._pending.setdefault(group, _Pending(spec))
         if spec != pending.spec:
-            raise ValueError(
+            raise UserError(
                 f"entry {key!r} of group {group!r} in {self.fset.path} has arrays {spec} but the group holds "
                 f"{pending.spec}; every entry of a group needs the same names, dtypes and shapes (name the arrays "
                 "whose first dim varies in ragged=)"
             )
         if any(key == k for k, _, _ in pending.entries):
-            raise ValueError(f"entry {key!r} was added twice to group {group!r} before a flush")
+            raise UserError(f"entry {key!r} was added twice to group {group!r} before a flush")
         pending.entries.append((key, copies, meta))
         pending.nbytes += sum(a.nbytes for a in copies.values())
         if len(pending.entries) >= self.max_segment_entries or pending.nbytes >= self.max_segment_bytes:

@@ -9,6 +9,7 @@ import numpy as np
 from crepa.cache.quantize import dequantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet
 from crepa.encoders import resolve_encoder
+from crepa.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,17 @@ class CacheView:
     def __init__(self, store: CacheStore, family: str, encoder: str | None = None, with_teacher: bool = True):
         plans = store.plans()
         if not plans:
-            raise ValueError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
+            raise UserError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
         families = {plan["family"] for plan in plans.values()}
         if family not in families:
-            raise ValueError(
+            raise UserError(
                 f"cache {store.url} was made for family {', '.join(sorted(families))}, not {family!r}; "
                 f"pass --family {sorted(families)[0]} or precompute a cache for {family}"
             )
         plans = {name: plan for name, plan in plans.items() if plan["family"] == family}
         pairs = {(plan["latents_set"], plan["text_set"]) for plan in plans.values()}
         if len(pairs) > 1:
-            raise ValueError(
+            raise UserError(
                 f"cache {store.url} holds {family} plans made with different VAEs or text encoders "
                 f"({', '.join(sorted(plans))}); precompute them with the same models or use separate caches"
             )
@@ -68,7 +69,7 @@ class CacheView:
         for fs in self.store.feature_sets(kind):
             if fs.fingerprint == fingerprint:
                 return fs
-        raise ValueError(f"cache {self.store.url} lost its {kind} set {fingerprint}; rerun `crepa precompute`")
+        raise UserError(f"cache {self.store.url} lost its {kind} set {fingerprint}; rerun `crepa precompute`")
 
     def _teacher_set(self, encoder: str | None) -> FeatureSet:
         candidates = [fs for fs in self.store.feature_sets("teacher") if fs.attrs.get("family") == self.family]
@@ -83,14 +84,14 @@ class CacheView:
                             f"{fs.attrs.get('resize')}, {fs.attrs.get('frames')})" for fs in candidates)
         if not candidates:
             every = [fs.attrs.get("encoder") for fs in self.store.feature_sets("teacher")]
-            raise ValueError(
+            raise UserError(
                 f"cache {self.store.url} has no {self.family} teacher features"
                 + (f" for encoder {encoder!r}" if encoder else "")
                 + (f" (it has: {', '.join(map(str, every))}); pass one of those to --crepa-encoder" if every else
                    "; precompute them with `crepa precompute --encoder ...` or train with "
                    "--crepa-use-backbone-features")
             )
-        raise ValueError(f"cache {self.store.url} has several teacher sets: {listing}; "
+        raise UserError(f"cache {self.store.url} has several teacher sets: {listing}; "
                          "choose one with --crepa-encoder NAME or FINGERPRINT")
 
     def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:

@@ -26,6 +26,7 @@ from webdataset import tariterators
 from webdataset.gopen import gopen, gopen_schemes
 
 from crepa.cache.atomic import atomic_open, write_json
+from crepa.errors import UserError
 
 REQUIRED_FIELDS = ("latents.npy", "text.npy", "json")
 INDEX_NAME = "shards.json"
@@ -36,14 +37,14 @@ SHARD_PREFIX = "cache-"
 def _check_sample(sample: dict, seen: set[str]) -> str:
     key = sample.get("__key__")
     if not isinstance(key, str) or not key:
-        raise ValueError(f"sample without a __key__ (fields {sorted(sample)}); every sample needs its clip key")
+        raise UserError(f"sample without a __key__ (fields {sorted(sample)}); every sample needs its clip key")
     if "." in key or "/" in key:
-        raise ValueError(f"sample key {key!r} contains '.' or '/', which would split its tar members; use the clip key")
+        raise UserError(f"sample key {key!r} contains '.' or '/', which would split its tar members; use the clip key")
     if key in seen:
-        raise ValueError(f"sample key {key!r} appears twice; each clip is exported once")
+        raise UserError(f"sample key {key!r} appears twice; each clip is exported once")
     missing = [f for f in REQUIRED_FIELDS if f not in sample]
     if missing:
-        raise ValueError(f"sample {key!r} lacks fields {missing}")
+        raise UserError(f"sample {key!r} lacks fields {missing}")
     return key
 
 
@@ -54,7 +55,7 @@ def _old_files(fs: fsspec.AbstractFileSystem, root: str, out_dir: str, overwrite
     except FileNotFoundError:
         return []
     if names and not overwrite:
-        raise ValueError(f"{out_dir} is not empty; export into a new folder, or pass --overwrite to replace the "
+        raise UserError(f"{out_dir} is not empty; export into a new folder, or pass --overwrite to replace the "
                          "shards there")
     return [n for n in names if n == INDEX_NAME or (n.startswith(SHARD_PREFIX) and n.endswith(".tar"))]
 
@@ -71,7 +72,7 @@ def export_webdataset(
     shards the new export did not rewrite go last. Returns the shards' URLs.
     """
     if maxcount < 1 or maxsize < 1:
-        raise ValueError(f"maxcount={maxcount} and maxsize={maxsize} must be >= 1")
+        raise UserError(f"maxcount={maxcount} and maxsize={maxsize} must be >= 1")
     fs, root = fsspec.core.url_to_fs(out_dir)
     old = _old_files(fs, root, out_dir, overwrite)
     if INDEX_NAME in old:
@@ -129,7 +130,7 @@ def read_index(cache: str) -> ShardIndex:
         wanted = list(braceexpand.braceexpand(cache))
         folders = {posixpath.dirname(u) for u in wanted}
         if len(folders) > 1:
-            raise ValueError(f"--cache {cache} names shards in several folders ({', '.join(sorted(folders))}); "
+            raise UserError(f"--cache {cache} names shards in several folders ({', '.join(sorted(folders))}); "
                              f"pass one folder, or one {INDEX_NAME} listing them all")
         index_url = posixpath.join(folders.pop(), INDEX_NAME)
     else:
@@ -144,13 +145,13 @@ def read_index(cache: str) -> ShardIndex:
     with fs.open(path, "r") as f:
         document = json.load(f)
     if document.get("__kind__") != INDEX_KIND or not isinstance(document.get("shardlist"), list):
-        raise ValueError(f"{index_url} is not a {INDEX_KIND} shard index; rewrite it with `crepa cache index`")
+        raise UserError(f"{index_url} is not a {INDEX_KIND} shard index; rewrite it with `crepa cache index`")
     base = posixpath.dirname(index_url)
     entries = {_join(base, e["url"]): e for e in document["shardlist"]}
     if wanted is not None:
         missing = [u for u in wanted if u not in entries]
         if missing:
-            raise ValueError(f"{index_url} does not list {', '.join(missing[:3])}; rewrite it with "
+            raise UserError(f"{index_url} does not list {', '.join(missing[:3])}; rewrite it with "
                              f"`crepa cache index {base}`")
         entries = {u: entries[u] for u in wanted}
     return ShardIndex(index_url, list(entries), [int(e["nsamples"]) for e in entries.values()],
@@ -182,7 +183,7 @@ def decoded(samples: Iterable[dict]) -> Iterator[dict]:
     try:
         yield from webdataset.decode(handler=webdataset.reraise_exception)(samples)
     except webdataset.DecodingError as exc:  # its own message is empty
-        raise ValueError(
+        raise UserError(
             f"{exc.url}: field {exc.k!r} of sample {exc.key!r} cannot be decoded ({exc.__cause__!r}); "
             "re-export the shard with `crepa cache export`"
         ) from exc
@@ -204,7 +205,7 @@ def write_index_for(folder: str) -> ShardIndex:
     meta: dict = {}
     for sample in shard_samples([posixpath.join(base, n) for n in names]):
         if "json" not in sample:
-            raise ValueError(f"sample {sample['__key__']} of {sample['__url__']} has no json member")
+            raise UserError(f"sample {sample['__key__']} of {sample['__url__']} has no json member")
         info = json.loads(sample["json"])
         meta = meta or {k: info.get(k) for k in ("family", "latents_set", "text_set", "teacher_set")}
         count = counts[posixpath.basename(sample["__url__"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from crepa.errors import UserError
 from crepa.families.base import FamilyAdapter
 from crepa.families.wan import WanAdapter
 
@@ -16,7 +17,7 @@ def get_family(name: str) -> FamilyAdapter:
     try:
         return _ADAPTERS[name]()
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"unsupported model family {name!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
         ) from None
 

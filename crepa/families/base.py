@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from crepa.errors import UserError
+
 
 class FamilyAdapter(ABC):
     """Model-family facts and verbs shared by precompute and train."""
@@ -55,7 +57,7 @@ class FamilyAdapter(ABC):
         """Fail before any forward when `index` names no block."""
         count = len(self.blocks(transformer))
         if not 0 <= index < count:
-            raise ValueError(
+            raise UserError(
                 f"{option}={index} is out of range: the {self.name} transformer has {count} blocks, "
                 f"valid indices are 0..{count - 1}"
             )
@@ -141,7 +143,7 @@ class FamilyAdapter(ABC):
         frames, height, width = grid
         batch, count, dim = tokens.shape
         if count != frames * height * width:
-            raise ValueError(
+            raise UserError(
                 f"{self.name}: block output has {count} tokens, expected {frames}x{height}x{width} from the latents"
             )
         return tokens.reshape(batch, frames, height, width, dim)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from crepa.errors import UserError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -21,7 +23,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(sorted(DTYPES))}") from None
 
 
 def component_location(model: str | None, subfolder: str, override: str | None) -> tuple[str, str | None]:
@@ -29,7 +31,7 @@ def component_location(model: str | None, subfolder: str, override: str | None) 
     if override:
         return override, None
     if not model:
-        raise ValueError(
+        raise UserError(
             f"no location for the {subfolder}: pass --model (a pipeline folder or hub id) or --{subfolder}"
         )
     return model, subfolder

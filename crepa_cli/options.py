@@ -1,8 +1,9 @@
 """Click options generated from a config dataclass: one source of names, defaults, choices and help.
 
-Each field becomes `--<flag>` (see crepa.fields.flag_name) with the field's docstring as help and its
-`metadata["choices"]` as a click.Choice. A field holding another dataclass is flattened: its fields become
-options of their own, and `build_config` nests them again. Booleans are `--x/--no-x`, unless the field names its
+Each field becomes `--<flag>` (see crepa.fields.flag_name) with the field's docstring as help, its
+`metadata["choices"]` as a click.Choice and its `min`/`max` as a click range (--help shows e.g. [x>=1]). A field
+holding another dataclass is flattened: its fields become options of their own, and `build_config` nests them
+again. Booleans are `--x/--no-x`, unless the field names its
 own flag in metadata, which makes a one-way switch (`skip_teacher` is `--no-teacher`). Lists are comma-separated.
 """
 
@@ -14,15 +15,9 @@ from collections.abc import Callable
 
 import click
 
-from crepa.fields import field_docs, flag_name
+from crepa.fields import base_type, field_docs, flag_name
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
-
-
-def _base_type(annotation: typing.Any) -> typing.Any:
-    """`int | None` -> int; other annotations unchanged."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args and typing.get_origin(annotation) is not list else annotation
 
 
 def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, typing.Any, type]]:
@@ -30,7 +25,7 @@ def _fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, t
     hints = typing.get_type_hints(cls)
     leaves = []
     for field in dataclasses.fields(cls):
-        kind = _base_type(hints[field.name])
+        kind = base_type(hints[field.name])
         if dataclasses.is_dataclass(kind):
             leaves += _fields(kind, f"{prefix}{field.name}_")
         else:
@@ -44,6 +39,20 @@ def _default(field: dataclasses.Field) -> typing.Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return None
+
+
+def _click_type(field: dataclasses.Field, kind: typing.Any) -> typing.Any:
+    """The click type of a non-boolean leaf field: its choices, its range, or its plain type."""
+    meta = field.metadata
+    if meta.get("choices"):
+        return click.Choice(meta["choices"])
+    if typing.get_origin(kind) is list:
+        return str
+    if kind in (int, float) and ("min" in meta or "max" in meta):
+        strict = meta.get("exclusive", False)
+        number_range = click.IntRange if kind is int else click.FloatRange
+        return number_range(meta.get("min"), meta.get("max"), min_open=strict, max_open=strict)
+    return kind
 
 
 def config_options(cls: type) -> Callable:
@@ -60,8 +69,7 @@ def config_options(cls: type) -> Callable:
                 option = click.option(f"--{flag}" if switch else f"--{flag}/--no-{flag}", param, is_flag=True,
                                       default=_default(field), help=help_text)
             else:
-                choices = field.metadata.get("choices")
-                click_type = click.Choice(choices) if choices else str if typing.get_origin(kind) is list else kind
+                click_type = _click_type(field, kind)
                 default = {} if required else {"default": _default(field)}  # click counts a None default as given
                 option = click.option(f"--{flag}", param, type=click_type, required=required, help=help_text,
                                       **default)
@@ -76,7 +84,7 @@ def build_config(cls: type, values: dict[str, typing.Any], prefix: str = "") -> 
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for field in dataclasses.fields(cls):
-        kind = _base_type(hints[field.name])
+        kind = base_type(hints[field.name])
         if dataclasses.is_dataclass(kind):
             kwargs[field.name] = build_config(kind, values, f"{prefix}{field.name}_")
             continue

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crepa.cache.store import CODECS
-from crepa.errors import UserError
-from crepa.fields import check_choices
+from crepa.fields import check_fields
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENT_SAMPLING = ("mode", "sample")
@@ -23,7 +22,7 @@ class TeacherSettings:
 
     encoder: str = field(default="dinov2_vitg14", metadata={"flag": "encoder"})
     """Short name (dinov2_vits14 ... dinov2_vitg14, *_reg), hub id or local folder."""
-    image_size: int = field(default=518, metadata={"flag": "encoder-image-size"})
+    image_size: int = field(default=518, metadata={"flag": "encoder-image-size", "min": 14})
     """Square side, or the side of the equal-area image in `aspect` mode."""
     resize: str = field(default="aspect", metadata={"flag": "resize", "choices": RESIZE_MODES})
     """aspect: keep the clip's aspect ratio, sides multiples of the patch size; square: image_size^2."""
@@ -34,15 +33,11 @@ class TeacherSettings:
     dtype: str = field(default="float16", metadata={"flag": "teacher-dtype", "choices": TEACHER_DTYPES})
     """Storage dtype of the features; int8 stores symmetric steps with one fp16 scale per token (half of
     float16's bytes, token cosine error ~1e-5 times the square of a token's peak-to-RMS channel ratio)."""
-    pool: int = field(default=1, metadata={"flag": "teacher-pool"})
+    pool: int = field(default=1, metadata={"flag": "teacher-pool", "min": 1})
     """Average-pool the patch grid by this factor at precompute (1 keeps it)."""
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.image_size < 14:
-            raise UserError(f"--encoder-image-size must be at least one patch (14), got {self.image_size}")
-        if self.pool < 1:
-            raise UserError(f"--teacher-pool must be >= 1, got {self.pool}")
+        check_fields(self)
 
 
 @dataclass
@@ -81,13 +76,13 @@ class PrecomputeConfig:
     """Storage dtype of the text embeddings."""
     latent_sampling: str = field(default="mode", metadata={"choices": LATENT_SAMPLING})
     """mode: the posterior's mode (deterministic); sample: a draw from it, seeded per clip."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     """Seed of the posterior draws in `sample` mode."""
-    text_max_length: int | None = None
+    text_max_length: int | None = field(default=None, metadata={"min": 1})
     """Tokenizer max length (default: the family pipeline's)."""
-    encoder_batch_size: int = 16
+    encoder_batch_size: int = field(default=16, metadata={"min": 1})
     """Frames per vision-encoder forward."""
-    text_batch_size: int = 16
+    text_batch_size: int = field(default=16, metadata={"min": 1})
     """Captions per text-encoder forward."""
     vae_tiling: bool = False
     """Encode in spatial tiles to save memory (changes latents slightly, so it is part of the key)."""
@@ -95,9 +90,9 @@ class PrecomputeConfig:
     """Encode clips of a batch one at a time."""
     offload: bool = False
     """Keep models on the CPU and move each to the device only for its own forward."""
-    decode_workers: int = 2
+    decode_workers: int = field(default=2, metadata={"min": 0})
     """Processes decoding clips ahead of the encoders (0 decodes inline)."""
-    decode_timeout: float = 120.0
+    decode_timeout: float = field(default=120.0, metadata={"min": 0.0, "exclusive": True})
     """Seconds one clip may take to decode before it is skipped."""
     regenerate: bool = False
     """Recompute entries that already exist (the new ones win)."""
@@ -105,17 +100,12 @@ class PrecomputeConfig:
     """Print what would be computed and how big it will be; compute nothing."""
     strict: bool = False
     """Stop at the first bad clip instead of skipping it."""
-    max_segment_mb: int = 256
+    max_segment_mb: int = field(default=256, metadata={"min": 1})
     """Size of one written segment (shard); at most this much is lost to a crash."""
-    segment_clips: int = 64
+    segment_clips: int = field(default=64, metadata={"min": 1})
     """Clips per written segment at most; 1 commits every clip as soon as it is encoded."""
     codec: str = field(default="zstd", metadata={"choices": CODECS})
     """Compression of the stored arrays: zstd, blosc or none (features barely compress; none reads fastest)."""
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.decode_workers < 0:
-            raise UserError(f"--decode-workers must be >= 0, got {self.decode_workers}")
-        for name in ("encoder_batch_size", "text_batch_size", "max_segment_mb", "segment_clips"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)

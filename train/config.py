@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
 from crepa.errors import UserError
-from crepa.fields import check_choices
+from crepa.fields import check_fields
 from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -38,13 +38,13 @@ class TrainConfig:
     # CREPA
     crepa_enabled: bool = True
     """Add the CREPA loss."""
-    crepa_block_index: int = 8
+    crepa_block_index: int = field(default=8, metadata={"min": 0})
     """0-based DiT block whose output is aligned."""
-    crepa_lambda: float = 0.5
+    crepa_lambda: float = field(default=0.5, metadata={"min": 0.0})
     """CREPA weight lambda."""
-    crepa_adjacent_distance: int = 1
+    crepa_adjacent_distance: int = field(default=1, metadata={"min": 0})
     """Neighbour distance d (0: frame-wise REPA)."""
-    crepa_adjacent_tau: float = 1.0
+    crepa_adjacent_tau: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Neighbour weight temperature: w = exp(-d / tau)."""
     crepa_cumulative_neighbors: bool = False
     """Align every distance 1..d instead of exactly d."""
@@ -56,25 +56,25 @@ class TrainConfig:
     """Resample grids in 2-D to match (false: compare frame means)."""
     crepa_use_backbone_features: bool = False
     """Align to a deeper block of the same forward instead of cached encoder features."""
-    crepa_teacher_block_index: int | None = None
+    crepa_teacher_block_index: int | None = field(default=None, metadata={"min": 0})
     """That deeper block (backbone mode)."""
     crepa_encoder: str | None = None
     """Teacher set to use when the cache holds several (encoder name or set fingerprint)."""
     crepa_projector: str = field(default="linear", metadata={"choices": PROJECTORS})
     """linear (LayerNorm + Linear) or mlp (REPA-style)."""
-    crepa_projector_lr: float | None = None
+    crepa_projector_lr: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
     """Projector learning rate (default: learning_rate)."""
     crepa_scheduler: str = field(default="constant", metadata={"choices": SCHEDULERS})
     """Lambda schedule: constant, linear, cosine, polynomial."""
-    crepa_lambda_end: float = 0.0
+    crepa_lambda_end: float = field(default=0.0, metadata={"min": 0.0})
     """Lambda reached at crepa_decay_steps."""
-    crepa_decay_steps: int = 0
+    crepa_decay_steps: int = field(default=0, metadata={"min": 0})
     """Absolute step where the decay ends."""
-    crepa_power: float = 1.0
+    crepa_power: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Polynomial decay power."""
-    crepa_warmup_steps: int = 0
+    crepa_warmup_steps: int = field(default=0, metadata={"min": 0})
     """Linear lambda warmup steps."""
-    crepa_cutoff_step: int = 0
+    crepa_cutoff_step: int = field(default=0, metadata={"min": 0})
     """Lambda is 0 from this step on (0: never)."""
     crepa_similarity_threshold: float | None = None
     """Switch CREPA off when the EMA of the alignment score passes this."""
@@ -89,11 +89,11 @@ class TrainConfig:
     base_dtype: str | None = field(default=None, metadata={"choices": BASE_DTYPES})
     """Storage of the frozen base weights: bf16, fp16, fp32 or fp8 (scaled, upcast to bf16 per layer).
     Default bf16 for LoRA, fp32 with --full (trained weights keep fp32 masters)."""
-    lora_rank: int = 16
+    lora_rank: int = field(default=16, metadata={"min": 1})
     """LoRA rank."""
-    lora_alpha: float | None = None
+    lora_alpha: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
     """LoRA alpha (default: the rank)."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     """LoRA dropout."""
     lora_target_modules: list[str] | None = None
     """Module-name suffixes to wrap (default: the family's attention projections)."""
@@ -101,67 +101,61 @@ class TrainConfig:
     """Also write the LoRA in ComfyUI's key format."""
 
     # optimisation
-    learning_rate: float = 1e-4
+    learning_rate: float = field(default=1e-4, metadata={"min": 0.0, "exclusive": True})
     """Peak learning rate."""
     lr_scheduler: str = field(default="constant", metadata={"choices": LR_SCHEDULERS})
     """constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = field(default=0, metadata={"min": 0})
     """Learning-rate warmup steps."""
     optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
     """adamw, adam or sgd."""
-    weight_decay: float = 1e-2
+    weight_decay: float = field(default=1e-2, metadata={"min": 0.0})
     """Decoupled weight decay (AdamW)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(default=1.0, metadata={"min": 0.0})
     """Gradient clipping norm (0: off)."""
-    batch_size: int = 1
+    batch_size: int = field(default=1, metadata={"min": 1})
     """Clips per process per micro-step (clips of one bucket)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1})
     """Micro-steps per optimizer step."""
-    max_train_steps: int | None = None
+    max_train_steps: int | None = field(default=None, metadata={"min": 1})
     """Optimizer steps; overrides num_train_epochs."""
-    num_train_epochs: int = 1
+    num_train_epochs: int = field(default=1, metadata={"min": 1})
     """Epochs when max_train_steps is unset."""
-    num_repeats: int = 1
+    num_repeats: int = field(default=1, metadata={"min": 1})
     """Times each clip appears per epoch (multiplies the dataset's own num_repeats)."""
     mixed_precision: str = field(default="no", metadata={"choices": MIXED_PRECISION})
     """no, bf16, fp16."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0})
     """Seed of data order, noise and timesteps."""
     timestep_sampling: str = field(default="logit_normal", metadata={"choices": TIMESTEP_SAMPLING})
     """uniform or logit_normal sigma density."""
     logit_mean: float = 0.0
     """Mean of the logit-normal density."""
-    logit_std: float = 1.0
+    logit_std: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Std of the logit-normal density."""
-    flow_shift: float | None = None
+    flow_shift: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
     """Sigma shift (default: the family's scheduler shift)."""
-    dataloader_num_workers: int = 2
+    dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
 
     # checkpoints and logging
-    checkpointing_steps: int = 500
+    checkpointing_steps: int = field(default=500, metadata={"min": 1})
     """Save a resumable checkpoint every N steps."""
-    checkpoints_total_limit: int | None = None
+    checkpoints_total_limit: int | None = field(default=None, metadata={"min": 1})
     """Keep at most this many checkpoints."""
     resume: str | None = None
     """'latest' or a checkpoint folder to continue from."""
     report_to: str = field(default="tensorboard", metadata={"choices": REPORT_TO})
     """tensorboard or none."""
-    log_every: int = 1
+    log_every: int = field(default=1, metadata={"min": 1})
     """Steps between logged points."""
 
     def __post_init__(self) -> None:
         if self.base_dtype is None:
             self.base_dtype = "fp32" if self.full else "bf16"
-        check_choices(self)
-        for name in ("batch_size", "gradient_accumulation_steps", "num_repeats", "lora_rank", "checkpointing_steps",
-                     "num_train_epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise UserError(f"--max-train-steps must be >= 1, got {self.max_train_steps}")
+        check_fields(self)
         if self.crepa_use_backbone_features and self.crepa_teacher_block_index is None:
             raise UserError("--crepa-use-backbone-features needs --crepa-teacher-block-index (a deeper block)")
         if self.full and self.base_dtype != "fp32":
@@ -198,9 +192,12 @@ def _flag(name: str) -> str:
 def read_config_file(path: str) -> dict:
     """Options from a TOML or JSON file, checked against the known option names."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path} does not exist")
+        raise UserError(f"--config {path} does not exist", fix="check the path")
     with open(path, "rb") as f:
-        data = json.load(f) if path.endswith(".json") else tomllib.load(f)
+        try:
+            data = json.load(f) if path.endswith(".json") else tomllib.load(f)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(str(error), where=path, fix="fix the syntax there") from None
     data = data.get("train", data)  # a TOML may keep options under [train]
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)

@@ -8,13 +8,14 @@ import logging
 import click
 
 from crepa import __version__
-from crepa_cli.errors import UserErrorGroup
+from crepa_cli.errors import DEBUG_ENV, UserErrorGroup
 from crepa_cli.options import CONTEXT_SETTINGS
 
 
 @click.group(cls=UserErrorGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="crepa")
-def main() -> None:
+@click.option("--debug", is_flag=True, help=f"Show the full traceback of every error (also: {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
     """Fine-tune video DiTs with CREPA from a precomputed teacher cache."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
+from crepa.errors import UserError
 from crepa_cli.errors import UserErrorCommand
 from crepa_cli.options import CONTEXT_SETTINGS, build_config, config_options
 from train.config import TrainConfig, read_config_file
@@ -19,14 +20,27 @@ def train_command(ctx: click.Context, config_file: str | None, **options) -> Non
     """Train the transformer (LoRA or full) on a cache with flow matching + CREPA."""
     from train.trainer import run_train
 
-    merged = read_config_file(config_file) if config_file else {}
+    from_file = read_config_file(config_file) if config_file else {}
+    merged = dict(from_file)
     for name, value in options.items():
         if config_file is None or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             merged[name] = value
-    result = run_train(build_config(TrainConfig, merged))
+    result = run_train(_build(merged, from_file, config_file))
     if result.lora_path:
         click.echo(f"LoRA: {result.lora_path}")
     if result.projector_path:
         click.echo(f"projector: {result.projector_path}")
     if result.plot_path:
         click.echo(f"curves: {result.plot_path}")
+
+
+def _build(merged: dict, from_file: dict, config_file: str | None) -> TrainConfig:
+    """The run's config; a mistake that is in the --config file alone names that file."""
+    try:
+        return build_config(TrainConfig, merged)
+    except UserError as error:
+        try:
+            build_config(TrainConfig, from_file)
+        except UserError as file_error:
+            raise UserError(file_error.what, where=config_file, fix=file_error.fix) from None
+        raise error

@@ -124,3 +124,69 @@ def test_a_full_fine_tune_refuses_the_comfyui_lora_export():
 
     with pytest.raises(ValueError, match="--comfyui-export writes a LoRA.*drop --comfyui-export or --full"):
         TrainConfig(full=True, base_dtype="fp32", comfyui_export=True)
+
+
+def test_ranges_show_in_help_and_bind_the_command_line():
+    result = CliRunner().invoke(main, ["train", "--help"], prog_name="crepa", terminal_width=200)
+    assert re.search(r"--batch-size INTEGER RANGE .*\[default: 1; x>=1\]", result.output), result.output
+    assert re.search(r"--learning-rate FLOAT RANGE .*\[default: 0.0001; x>0.0\]", result.output)
+    result = CliRunner().invoke(main, ["precompute", "--help"], prog_name="crepa", terminal_width=200)
+    assert re.search(r"--encoder-image-size INTEGER RANGE .*x>=14\]", " ".join(result.output.split()))
+
+
+def _failing_command(error: Exception):
+    import click
+
+    from crepa_cli.errors import UserErrorCommand
+
+    @click.command(cls=UserErrorCommand)
+    @click.option("--out")
+    def command(out):
+        raise error
+
+    return command
+
+
+def test_a_bug_keeps_its_traceback():
+    result = CliRunner().invoke(_failing_command(ValueError("shape mismatch in a reshape")), [])
+    assert isinstance(result.exception, ValueError) and not isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, how):
+    from crepa.errors import UserError
+
+    (tmp_path / "run.toml").write_text("batch_size = 0\n")
+    options = ["train", "--config", str(tmp_path / "run.toml")]
+    result = CliRunner().invoke(main, ["--debug", *options] if how == "flag" else options,
+                                env={"CREPA_DEBUG": "1"} if how == "env" else {}, prog_name="crepa")
+    assert isinstance(result.exception, UserError), result.output
+    without = CliRunner().invoke(main, options, prog_name="crepa")
+    assert without.exit_code == 1 and without.output.startswith("Error: --batch-size=0 is out of range x>=1")
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("ENOENT", "Error: {path} does not exist: check the path"),
+    ("EACCES", "Error: permission denied for {path}: change its permissions"),
+    ("EROFS", "Error: {path} is on a read-only file system: write somewhere else"),
+    ("ENOSPC", "Error: no space left on the device in {path}: "),
+])
+def test_file_system_errors_name_the_path_and_the_fix(tmp_path, code, expected):
+    import errno
+    import os
+
+    path = str(tmp_path / "cache" / "segment.zarr")
+    error = OSError(getattr(errno, code), os.strerror(getattr(errno, code)), path)
+    result = CliRunner().invoke(_failing_command(error), [])
+    assert result.exit_code == 1 and result.output.startswith(expected.format(path=path)), result.output
+    if code == "ENOSPC":
+        assert "GiB are free there; free space or write somewhere else" in result.output
+
+
+def test_a_full_disk_without_a_file_name_names_the_output_folder(tmp_path):
+    import errno
+
+    result = CliRunner().invoke(_failing_command(OSError(errno.ENOSPC, "No space left on device")),
+                                ["--out", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: no space left on the device in {tmp_path / 'cache'}: "), result.output

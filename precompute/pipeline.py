@@ -24,9 +24,11 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+import fsspec
 import numpy as np
 import torch
 from torch import nn
@@ -133,7 +135,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     encoder_config = None if config.skip_teacher else _encoder_config(config)
     max_length = config.text_max_length or adapter.default_text_max_length
 
-    store = CacheStore.open(config.out, mode="a")
+    store = _open_store(config)
     sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
     # Each rank plans (and probes) only its own videos, and writes its own part of the plan.
     mine, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length, rank, world)
@@ -226,6 +228,14 @@ def _encoder_config(config: PrecomputeConfig) -> dict:
     from crepa.families.loading import load_pretrained
 
     return load_pretrained(AutoConfig, None, "encoder", resolve_encoder(config.teacher.encoder)).to_dict()
+
+
+def _open_store(config: PrecomputeConfig) -> CacheStore:
+    """The cache to fill; a dry run for a cache that does not exist yet plans in memory and creates nothing."""
+    fs, root = fsspec.core.url_to_fs(config.out)
+    if config.dry_run and not fs.exists(f"{root.rstrip('/')}/zarr.json"):
+        return CacheStore.open(f"memory://crepa-dry-run/{uuid.uuid4().hex}", mode="a")
+    return CacheStore.open(config.out, mode="a")
 
 
 def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], captions: dict[str, str],

@@ -15,7 +15,9 @@ from crepa.cache.view import CacheView
 from crepa.errors import UserError
 from precompute.config import PrecomputeConfig, TeacherSettings
 from precompute.dataset_config import load_dataset_config
-from precompute.pipeline import run_precompute
+from precompute.pipeline import PrecomputeSummary, run_precompute
+from precompute.plan import Skipped
+from precompute.report import skip_counts
 from precompute.sampling import VideoInfo, plan_segments
 
 
@@ -168,3 +170,12 @@ def test_full_disk_names_the_cache_and_the_bytes_still_to_write(tmp_path, datase
     monkeypatch.undo()
     summary = run_precompute(config_for(dataset, out, tiny_models))  # a rerun after freeing space resumes
     assert summary.computed["teacher"] == 3 and summary.computed["latents"] < 3
+
+
+def test_the_skipped_list_counts_empty_captions_and_duplicates():
+    summary = PrecomputeSummary(skipped=[Skipped("t/a.mp4", "empty caption; write one"),
+                                         Skipped("t/b.mp4", "empty caption; write one"),
+                                         Skipped("u/a.mp4", "duplicate of t/a.mp4"),
+                                         Skipped("t/c.mp4", "cannot read video: broken")])
+    assert skip_counts(summary) == " (2 empty captions, 1 duplicate)"
+    assert skip_counts(PrecomputeSummary(skipped=[Skipped("t/c.mp4", "too short")])) == ""

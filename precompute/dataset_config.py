@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -27,6 +28,13 @@ except ModuleNotFoundError:  # Python 3.10
 SOURCE_KINDS = ("video_directory", "video_jsonl_file", "hf_dataset", "webdataset")
 FRAME_EXTRACTIONS = ("head", "chunk", "slide", "uniform")
 CROPS = ("center", "none")
+MAX_FRAME_COUNT = 100_000
+"""Bound on every frame count of a table (target_frames, max_frames, frame_stride, frame_sample): over an hour at
+24 fps, far beyond any clip; larger values are typos, and would make planning run for hours."""
+MAX_SOURCE_FPS = 1000.0
+"""Bound on source_fps: resampling above it only repeats frames, and each repeat is planned work."""
+MAX_REPEATS = 10_000
+"""Bound on num_repeats: the trainer lists each clip that many times per epoch."""
 
 
 class DatasetConfigError(UserError):
@@ -58,6 +66,8 @@ class DatasetConfig:
     """center: resize to cover the bucket, then center-crop; none: resize to the bucket, distorting aspect."""
     num_repeats: int = 1
     """How many times the trainer visits each clip of this dataset per epoch."""
+    allow_empty_captions: bool = False
+    """Cache clips whose caption is empty or whitespace (unconditional training); by default they are skipped."""
     video_directory: str | None = None
     """Folder of videos (searched recursively) with sidecar caption files of the same stem."""
     caption_extension: str = ".txt"
@@ -110,7 +120,7 @@ def load_dataset_config(path: str, temporal_compression: int) -> DatasetConfigFi
     try:
         data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetConfigError(f"dataset config {path} does not exist; check the --dataset-config path") from None
+        raise DatasetConfigError(f"dataset config {path} does not exist; check the --config path of `crepa precompute`") from None
     except tomllib.TOMLDecodeError as error:
         raise DatasetConfigError(f"{path} is not valid TOML: {error}") from None
     for key in data:
@@ -207,6 +217,9 @@ def _build_dataset(general: dict, table: dict, origin: str, base_dir: Path, temp
     if not isinstance(target_frames, list) or not target_frames or not all(_is_int(v) for v in target_frames):
         raise fail("target_frames", f"must be a list of integers, e.g. [{4 * temporal_compression + 1}]")
     for frames in target_frames:
+        if frames > MAX_FRAME_COUNT:
+            raise fail("target_frames", f"value {frames} is more than {MAX_FRAME_COUNT} frames; use clips of at most "
+                                        f"a few hundred frames, e.g. [{4 * temporal_compression + 1}]")
         if frames < 1 or (frames - 1) % temporal_compression:
             nearest = " or ".join(str(v) for v in valid_frame_counts_near(frames, temporal_compression))
             raise fail(
@@ -256,6 +269,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= MAX_FRAME_COUNT
+
+
 def _is_text(value: Any) -> bool:
     return isinstance(value, str) and value != ""
 
@@ -265,11 +282,13 @@ _CHOICES = {"frame_extraction": FRAME_EXTRACTIONS, "crop": CROPS}
 _FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("frame_extraction", lambda v: v in FRAME_EXTRACTIONS, f"one of {', '.join(FRAME_EXTRACTIONS)}"),
     ("crop", lambda v: v in CROPS, f"one of {', '.join(CROPS)}"),
-    ("frame_stride", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("frame_sample", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("num_repeats", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("max_frames", lambda v: _is_int(v) and v >= 1, "an integer >= 1 (leave it out for no cap)"),
-    ("source_fps", lambda v: _is_number(v) and v > 0, "a frame rate > 0 (leave it out to keep every frame)"),
+    ("frame_stride", _is_count, f"an integer from 1 to {MAX_FRAME_COUNT}"),
+    ("frame_sample", _is_count, f"an integer from 1 to {MAX_FRAME_COUNT}"),
+    ("num_repeats", lambda v: _is_int(v) and 1 <= v <= MAX_REPEATS, f"an integer from 1 to {MAX_REPEATS}"),
+    ("max_frames", _is_count, f"an integer from 1 to {MAX_FRAME_COUNT} (leave it out for no cap)"),
+    ("source_fps", lambda v: _is_number(v) and math.isfinite(v) and 0 < v <= MAX_SOURCE_FPS,
+     f"a frame rate above 0 and at most {MAX_SOURCE_FPS:g} (leave it out to keep every frame)"),
+    ("allow_empty_captions", lambda v: isinstance(v, bool), "true or false"),
     ("name", lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
     ("caption_extension", _is_text, "a file extension such as '.txt'"),
     ("hf_split", _is_text, "a split name such as 'train'"),

@@ -24,11 +24,9 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
@@ -44,6 +42,7 @@ from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
+from precompute.output import disk_full, is_disk_full, open_output
 from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
 from precompute.teacher import TeacherEncoder, teacher_grid
 from precompute.writing import BackgroundWriter
@@ -135,7 +134,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     encoder_config = None if config.skip_teacher else _encoder_config(config)
     max_length = config.text_max_length or adapter.default_text_max_length
 
-    store = _open_store(config)
+    store = open_output(config.out, dry_run=config.dry_run)
     sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
     # Each rank plans (and probes) only its own videos, and writes its own part of the plan.
     mine, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length, rank, world)
@@ -164,16 +163,24 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     timers = Timers()
     tasks = [DecodeTask(task_id=i, source=c.video, frame_indices=c.frame_indices, size=(c.width, c.height),
                         crop=c.crop) for i, c in enumerate(video_clips)]
-    with DecodePool(config.decode_workers, config.decode_timeout) as pool:
-        decoded = pool.map(tasks)  # workers start decoding now, behind the text stage and the model loading
-        if todo["text"]:
-            _text_stage(adapter, config, device, store, sets.text, {k: my_captions[k] for k in sorted(todo["text"])},
-                        max_length, timers)
-        if video_clips:
-            skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, decoded, todo,
-                                             vae_config, timers)
-            summary.skipped += skipped
-            summary.computed.update(computed)
+    try:
+        with DecodePool(config.decode_workers, config.decode_timeout) as pool:
+            decoded = pool.map(tasks)  # workers start decoding now, behind the text stage and the model loading
+            if todo["text"]:
+                _text_stage(adapter, config, device, store, sets.text,
+                            {k: my_captions[k] for k in sorted(todo["text"])}, max_length, timers)
+            if video_clips:
+                skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, decoded, todo,
+                                                 vae_config, timers)
+                summary.skipped += skipped
+                summary.computed.update(computed)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        store.refresh()  # what is committed now; the rest is still to write
+        left = _estimate_bytes(mine, _missing(store, sets, mine, my_captions, False), adapter, vae_config, config,
+                               encoder_config)
+        raise disk_full(config.out, sum(left.values())) from error
     summary.forward_seconds = timers.forward.seconds
     summary.load_seconds = timers.load.seconds
     summary.wall_seconds = time.perf_counter() - start
@@ -228,14 +235,6 @@ def _encoder_config(config: PrecomputeConfig) -> dict:
     from crepa.families.loading import load_pretrained
 
     return load_pretrained(AutoConfig, None, "encoder", resolve_encoder(config.teacher.encoder)).to_dict()
-
-
-def _open_store(config: PrecomputeConfig) -> CacheStore:
-    """The cache to fill; a dry run for a cache that does not exist yet plans in memory and creates nothing."""
-    fs, root = fsspec.core.url_to_fs(config.out)
-    if config.dry_run and not fs.exists(f"{root.rstrip('/')}/zarr.json"):
-        return CacheStore.open(f"memory://crepa-dry-run/{uuid.uuid4().hex}", mode="a")
-    return CacheStore.open(config.out, mode="a")
 
 
 def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], captions: dict[str, str],
@@ -327,7 +326,7 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
             if not result.ok:
                 if config.strict:
                     raise RuntimeError(f"{clip.source}: {result.error} (rerun without --strict to skip bad clips)")
-                skipped.append(Skipped(clip.source, result.error))
+                skipped.append(Skipped(f"{clip.dataset}/{clip.source}", result.error))
                 bar.set_postfix(skipped=len(skipped))
                 continue
             arrays = _encode_clip(adapter, config, device, models, clip, result.frames, todo, timers)

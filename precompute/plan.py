@@ -8,8 +8,8 @@ from crepa.cache.keys import clip_key, text_key
 from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource
-from precompute.sampling import bucket_name, choose_bucket, plan_segments, probe_video
-from precompute.sources import iter_videos
+from precompute.sampling import Segment, bucket_name, choose_bucket, plan_segments, probe_video
+from precompute.sources import VideoItem, iter_videos
 
 
 @dataclass
@@ -47,7 +47,10 @@ class PlannedClip:
 
 @dataclass
 class Skipped:
+    """A video (or one clip of it) left out of the cache, and why."""
+
     source: str
+    """`<dataset>/<video display name>`."""
     reason: str
 
 
@@ -68,31 +71,60 @@ def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_leng
 
     Only this rank's videos are probed; the ranks' plans together hold every clip. Each dataset's videos are dealt
     out starting at a different rank, so many one-video datasets still spread over the ranks.
+
+    A clip key met twice (a video listed twice in a manifest, a folder named by two tables) is planned once: the
+    first occurrence wins and the later ones are listed as skipped, so no key is written twice by this rank.
     """
     clips: list[PlannedClip] = []
     skipped: list[Skipped] = []
+    owners: dict[str, str] = {}  # clip key -> "<dataset>/<source>" of its first occurrence, which wins
     for number, dataset in enumerate(datasets):
         for item in iter_videos(dataset, (rank - number) % world, world):
-            if item.caption is None:
-                skipped.append(Skipped(item.name, item.caption_error or "no caption"))
+            source = f"{dataset.name}/{item.name}"
+            reason = _unusable(item, dataset)
+            if reason is not None:
+                skipped.append(Skipped(source, reason))
                 continue
             try:
                 info = probe_video(item.video)
             except Exception as error:  # a corrupt container fails here; the run goes on without it
-                skipped.append(Skipped(item.name, f"cannot read video: {error}"))
+                skipped.append(Skipped(source, f"cannot read video: {error}"))
                 continue
             segments = plan_segments(info, dataset)
             if not segments.segments:
-                skipped.append(Skipped(item.name, segments.reason))
+                skipped.append(Skipped(source, segments.reason))
                 continue
             width, height = choose_bucket(info.width, info.height, dataset.resolutions)
-            for segment in segments.segments:
-                bucket = {"frames": segment.num_frames, "height": height, "width": width, "crop": dataset.crop}
-                clips.append(PlannedClip(
-                    key=clip_key(item.identity, {"frames": list(segment.frame_indices)}, bucket),
-                    dataset=dataset.name, source=item.name, video=item.video, caption=item.caption,
-                    text_key=text_key(item.caption, text_identity, text_max_length),
-                    frames=segment.num_frames, height=height, width=width,
-                    frame_indices=tuple(segment.frame_indices), crop=dataset.crop, num_repeats=dataset.num_repeats,
-                ))
+            planned = [_clip(item, dataset, segment, width, height, text_identity, text_max_length)
+                       for segment in segments.segments]
+            fresh = [clip for clip in planned if clip.key not in owners]
+            if len(fresh) < len(planned):
+                first = next(owners[clip.key] for clip in planned if clip.key in owners)
+                skipped.append(Skipped(source, f"duplicate of {first}" if not fresh else
+                                       f"{len(planned) - len(fresh)} of its {len(planned)} clips duplicate {first}"))
+            owners.update((clip.key, source) for clip in fresh)
+            clips += fresh
     return clips, skipped
+
+
+def _unusable(item: VideoItem, dataset: DatasetConfig) -> str | None:
+    """Why `item` cannot become clips before its video is even opened, or None."""
+    if item.problem is not None:
+        return item.problem
+    if item.caption is None:
+        return item.caption_error or "no caption"
+    if not item.caption and not dataset.allow_empty_captions:
+        return "empty caption; write one, or set allow_empty_captions = true to cache it for unconditional training"
+    return None
+
+
+def _clip(item: VideoItem, dataset: DatasetConfig, segment: Segment, width: int, height: int, text_identity: dict,
+          text_max_length: int) -> PlannedClip:
+    bucket = {"frames": segment.num_frames, "height": height, "width": width, "crop": dataset.crop}
+    return PlannedClip(
+        key=clip_key(item.identity, {"frames": list(segment.frame_indices)}, bucket),
+        dataset=dataset.name, source=item.name, video=item.video, caption=item.caption,
+        text_key=text_key(item.caption, text_identity, text_max_length),
+        frames=segment.num_frames, height=height, width=width,
+        frame_indices=tuple(segment.frame_indices), crop=dataset.crop, num_repeats=dataset.num_repeats,
+    )

@@ -29,6 +29,15 @@ def bucket_table(store: CacheStore) -> list[str]:
     return lines
 
 
+def skip_counts(summary: PrecomputeSummary) -> str:
+    """The skips a user may not expect, counted so they stand out: e.g. " (2 empty captions, 1 duplicate)"."""
+    reasons = [item.reason for item in summary.skipped]
+    counts = [(sum(r.startswith("empty caption") for r in reasons), "empty caption", "empty captions"),
+              (sum(r.startswith("duplicate of") for r in reasons), "duplicate", "duplicates")]
+    parts = [f"{count} {one if count == 1 else many}" for count, one, many in counts if count]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
     echo = click.echo
     if config.dry_run:
@@ -50,6 +59,6 @@ def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
     for line in bucket_table(CacheStore.open(config.out)):
         echo(line)
     if summary.skipped:
-        echo(f"\nskipped {len(summary.skipped)}:")
+        echo(f"\nskipped {len(summary.skipped)}{skip_counts(summary)}:")
         for item in summary.skipped:
             echo(f"  {item.source}: {item.reason}")

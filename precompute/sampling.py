@@ -74,36 +74,48 @@ def resampled_indices(info: VideoInfo, source_fps: float | None) -> list[int]:
 
 def plan_segments(info: VideoInfo, dataset: DatasetConfig) -> SegmentPlan:
     """Windows of `target_frames` frames chosen by `dataset.frame_extraction`, after fps resampling and the
-    `max_frames` cap."""
+    `max_frames` cap.
+
+    Work is bounded by the video's own frames: per target_frames value, at most one window starts on each source
+    frame (resampling above the video's rate repeats frames, so windows starting on a repeat add little), and
+    `uniform` never asks for more windows than there are distinct starts.
+    """
     indices = resampled_indices(info, dataset.source_fps)
     if dataset.max_frames is not None:
         indices = indices[: dataset.max_frames]
     available = len(indices)
     fps = dataset.source_fps or info.fps
-    windows: list[tuple[int, int]] = []  # (start, frames) in the resampled timeline
+    segments: dict[tuple[int, ...], Segment] = {}  # by the source frames they show: equal frames, equal clip
     for frames in dataset.target_frames:
         if available < frames:
             continue
-        if dataset.frame_extraction == "head":
-            windows.append((0, frames))
-        elif dataset.frame_extraction == "chunk":
-            windows.extend((start, frames) for start in range(0, available - frames + 1, frames))
-        elif dataset.frame_extraction == "slide":
-            windows.extend((start, frames) for start in range(0, available - frames + 1, dataset.frame_stride))
-        elif dataset.frame_extraction == "uniform":
-            last = available - frames
-            count = dataset.frame_sample
-            windows.extend((last * i // (count - 1) if count > 1 else 0, frames) for i in range(count))
-        else:
-            raise UserError(f"{dataset.origin}: frame_extraction={dataset.frame_extraction!r} is unknown")
-    segments = [
-        Segment(start, frames, fps, tuple(indices[start : start + frames])) for start, frames in dict.fromkeys(windows)
-    ]
+        started: set[int] = set()  # source frames a window of this length already starts on
+        for start in _window_starts(dataset, available, frames):
+            if indices[start] in started:
+                continue
+            started.add(indices[start])
+            shown = tuple(indices[start : start + frames])
+            segments.setdefault(shown, Segment(start, frames, fps, shown))
     if segments:
-        return SegmentPlan(segments)
+        return SegmentPlan(list(segments.values()))
     counted = f"{available} frames" + (f" at {fps:g} fps" if dataset.source_fps else "")
     smallest = min(dataset.target_frames)
     return SegmentPlan([], f"too short: {counted}, fewer than the smallest target_frames ({smallest})")
+
+
+def _window_starts(dataset: DatasetConfig, available: int, frames: int) -> range | list[int]:
+    """Starts (in the resampled timeline) of the windows of `frames` frames, in extraction order."""
+    last = available - frames
+    if dataset.frame_extraction == "head":
+        return [0]
+    if dataset.frame_extraction == "chunk":
+        return range(0, last + 1, frames)
+    if dataset.frame_extraction == "slide":
+        return range(0, last + 1, dataset.frame_stride)
+    if dataset.frame_extraction == "uniform":
+        count = min(dataset.frame_sample, last + 1)  # more would only repeat starts
+        return [last * i // (count - 1) if count > 1 else 0 for i in range(count)]
+    raise UserError(f"{dataset.origin}: frame_extraction={dataset.frame_extraction!r} is unknown")
 
 
 def choose_bucket(width: int, height: int, resolutions: list[tuple[int, int]]) -> tuple[int, int]:

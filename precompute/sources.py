@@ -47,6 +47,8 @@ class VideoItem:
     """Why there is no caption, and how to fix it."""
     video: VideoSource
     """What PyAV opens: a path, or a reference to a tar member or dataset row (read when opened)."""
+    problem: str | None = None
+    """Why the video cannot be used at all (a broken link), and how to fix it; the run lists it as skipped."""
 
 
 def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterator[VideoItem]:
@@ -87,15 +89,25 @@ def _directory_items(dataset: DatasetConfig) -> _Lazy:
     videos = sorted(
         path
         for path in root.rglob("*")
-        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+        and (path.is_file() or _is_broken_link(path))
     )
+
     def item(path: Path) -> VideoItem:
-        caption, error = _caption_file(path, dataset.caption_extension)
         name = path.relative_to(root).as_posix()
+        if _is_broken_link(path):
+            problem = f"broken link: it points to {os.readlink(path)}, which does not exist; fix or remove the link"
+            return VideoItem(dataset.name, name, {}, None, None, str(path), problem)
+        caption, error = _caption_file(path, dataset.caption_extension)
         return VideoItem(dataset.name, name, file_identity(str(path)), caption, error, str(path))
 
     for path in videos:
         yield lambda path=path: item(path)
+
+
+def _is_broken_link(path: Path) -> bool:
+    """A symlink whose target is gone: listed so the run can say so, where a plain listing would drop it."""
+    return path.is_symlink() and not path.exists()
 
 
 def _jsonl_items(dataset: DatasetConfig) -> _Lazy:

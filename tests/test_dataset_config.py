@@ -116,7 +116,7 @@ def test_missing_source_paths_are_named(tmp_path):
     path.write_text('[[datasets]]\nhf_dataset = "org/videos"\nresolutions = [[64, 48]]\ntarget_frames = [9]\n')
     dataset = load_dataset_config(str(path), 4).datasets[0]
     assert dataset.hf_dataset == "org/videos" and dataset.name == "videos"  # a hub name, left to load_dataset
-    with pytest.raises(DatasetConfigError, match="does not exist; check the --dataset-config path"):
+    with pytest.raises(DatasetConfigError, match="does not exist; check the --config path of `crepa precompute`"):
         load_dataset_config(str(tmp_path / "missing.toml"), 4)
 
 

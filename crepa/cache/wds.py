@@ -192,7 +192,8 @@ def shard_samples(urls: Iterable[str]) -> Iterator[dict]:
         if isinstance(exc, FileNotFoundError):
             raise UserError(f"shard {current['url']} is missing",
                             fix="re-export the shards with `crepa cache export --format wds --overwrite`") from exc
-        raise UserError(f"shard {current['url']} is truncated or damaged ({type(exc).__name__}: {str(exc.args[0]).split(' @ ')[0]})",
+        reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]  # tarfile appends the stream's repr
+        raise UserError(f"shard {current['url']} is truncated or damaged ({type(exc).__name__}: {reason})",
                         fix="re-export it with `crepa cache export --format wds --overwrite`") from exc
 
 

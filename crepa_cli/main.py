@@ -68,6 +68,25 @@ def cache_verify(cache: str) -> None:
         raise SystemExit(1)
 
 
+@cache_group.command("repair")
+@click.argument("cache")
+def cache_repair(cache: str) -> None:
+    """Remove the entries `crepa cache verify` flags, so the next `crepa precompute` recomputes exactly them."""
+    from crepa.cache.store import CacheStore
+
+    CacheStore.open(cache)  # a missing cache is an error here, not a new empty one
+    report = CacheStore.open(cache, mode="a").repair(progress=True)
+    if not report.removed:
+        click.echo(f"checked {report.checked} entries: nothing to repair")
+        return
+    for line in report.removed:
+        click.echo(f"removed: {line}")
+    click.echo(f"removed {len(report.removed)} damaged entries; recompute them (only them) with:")
+    for config, family in sorted(report.configs.items()):
+        click.echo(f"  crepa precompute --config {config} --family {family} --out {cache} "
+                   "(plus the model, encoder and teacher options that made the cache)")
+
+
 @cache_group.command("export")
 @click.argument("cache")
 @click.argument("out_dir")

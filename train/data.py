@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import posixpath
 import random
+from collections import Counter
 from collections.abc import Iterator
 
 import fsspec
@@ -86,6 +87,22 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches = [batches[i] for i in order]
         batches = batches[: len(batches) - len(batches) % self.world]  # equal share per rank
         return batches[self.rank:: self.world]
+
+    def check_not_empty(self) -> None:
+        """Refuse an epoch without a batch for this rank: the training loop would wait for one forever."""
+        if self.epoch_batches(0):
+            return
+        sizes = Counter()
+        for group, repeat in zip(self.groups, self.repeats, strict=True):
+            sizes[group] += repeat
+        full = sum(n // self.batch_size for n in sizes.values())
+        if not full:
+            buckets = ", ".join(f"{group}: {n} clips" for group, n in sorted(sizes.items()))
+            raise UserError(f"no bucket holds a full batch ({buckets}; repeats counted) with --batch-size "
+                            f"{self.batch_size}; use --batch-size {max(sizes.values())} or less, or add clips "
+                            "or --num-repeats")
+        raise UserError(f"an epoch has {full} batch(es) for {self.world} rank(s), so rank {self.rank} gets none; "
+                        "use fewer ranks or a smaller --batch-size")
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.epoch_batches(self.epoch)[self.skip:]

@@ -6,9 +6,11 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import fsspec
 import torch
 from torch.utils.data import DataLoader
 
+from crepa.cache.atomic import is_local
 from crepa.cache.export import cache_family
 from crepa.cache.store import CacheStore
 from crepa.cache.wds import ShardIndex, iter_webdataset, read_index
@@ -42,12 +44,34 @@ class TrainData:
         return f"{self.clips} clips ({self.incomplete} incomplete skipped)"
 
     def iterate(self, epoch: int, consumed: int) -> Iterator[tuple[int, int, dict]]:
-        """(epoch, micro-batches consumed in it, batch) forever, starting after `consumed` in `epoch`."""
+        """(epoch, micro-batches consumed in it, batch) forever, starting after `consumed` in `epoch`.
+
+        A loader worker's error arrives as its message alone; a fresh epoch that gives no batch stops the run,
+        which would otherwise wait for one forever.
+        """
         while True:
-            for batch in self.loader_for_epoch(epoch, consumed):
-                consumed += 1
-                yield epoch, consumed, batch
+            start = consumed
+            try:
+                for batch in self.loader_for_epoch(epoch, consumed):
+                    consumed += 1
+                    yield epoch, consumed, batch
+            except UserError as error:
+                raise unwrap_worker_error(error) from None
+            if consumed == start == 0:  # a resumed epoch may have nothing left; a fresh one must give batches
+                raise UserError(f"epoch {epoch} gave no batch (expected {self.batches_per_epoch}); check the batch "
+                                "size against the cache's buckets (`crepa cache info`)")
             epoch, consumed = epoch + 1, 0
+
+
+_WRAPPED = f"{UserError.__module__}.{UserError.__qualname__}: "
+
+
+def unwrap_worker_error(error: UserError) -> UserError:
+    """The UserError a DataLoader worker raised, without the traceback the worker wraps around its message."""
+    message = str(error)
+    if "DataLoader worker" not in message or _WRAPPED not in message:
+        return error
+    return UserError(message.rsplit(_WRAPPED, 1)[1].strip())
 
 
 def loader_kwargs(cfg: TrainConfig) -> dict:
@@ -93,6 +117,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
         sampler.set_epoch(epoch, consumed)
         return loader
 
+    sampler.check_not_empty()
     sampler.set_epoch(0)
     first = dataset[0]  # shapes the model must accept; check_compatibility compares them before step 0
     return TrainData(
@@ -123,6 +148,19 @@ def check_shards(index: ShardIndex, cfg: TrainConfig, with_teacher: bool) -> Non
                              "with that encoder or drop --crepa-encoder")
 
 
+def check_shard_sizes(index: ShardIndex) -> None:
+    """Local shards must be as long as the index says: a shorter one was cut (a copy or a crash), caught here."""
+    for url, expected in zip(index.urls, index.filesizes, strict=True):
+        fs, path = fsspec.core.url_to_fs(url)
+        if expected is None or not is_local(fs) or not fs.exists(path):
+            continue
+        size = fs.size(path)
+        if size != expected:
+            raise UserError(f"shard {url} holds {size} bytes but {index.url} lists {expected}: it is truncated "
+                            "or was replaced; re-export the shards with `crepa cache export --format wds "
+                            "--overwrite` (or `crepa cache index` for shards made another way)")
+
+
 def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> TrainData:
     index = read_index(cfg.cache)
     check_shards(index, cfg, with_teacher)
@@ -130,8 +168,13 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
     if sum(index.nsamples) < slots:
         raise UserError(f"{index.url} holds {sum(index.nsamples)} samples, too few for {world} rank(s) x "
                          f"{max(1, cfg.dataloader_num_workers)} loader worker(s); use fewer of either")
+    check_shard_sizes(index)
     total = sum(index.repeated) * cfg.num_repeats
-    batches_per_epoch = max(1, total // (cfg.batch_size * world))
+    batches_per_epoch = total // (cfg.batch_size * world)
+    if not batches_per_epoch:
+        raise UserError(f"shards of {cfg.cache} hold {total} samples (repeats counted), too few for --batch-size "
+                        f"{cfg.batch_size} x {world} rank(s); use --batch-size {max(1, total // world)} or less, "
+                        "fewer ranks, or export more clips")
     stream = WebDatasetClips(index.urls, cfg.batch_size, cfg.seed, with_teacher, batches_per_epoch=batches_per_epoch,
                              rank=rank, world=world, num_repeats=cfg.num_repeats)
     first = next(iter_webdataset(index.urls[:1]))  # shapes and text length from the first sample

@@ -77,7 +77,7 @@ class ByteSource:
 def _check_crc(payload: np.ndarray, stored: np.ndarray, what: str) -> None:
     """Raise unless `stored` (4 bytes, little-endian) is the CRC32C of `payload`."""
     if google_crc32c.value(payload) != int.from_bytes(stored.tobytes(), "little"):
-        raise UserError(f"{what}: CRC32C checksum mismatch (corrupted data); run `crepa cache verify`")
+        raise UserError(f"{what}: CRC32C checksum mismatch (corrupted data)")
 
 
 class Rows:

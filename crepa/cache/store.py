@@ -78,6 +78,8 @@ class VerifyReport:
     """Committed entries re-read."""
     problems: list[str] = field(default_factory=list)
     """One line per unreadable entry or per array whose shape, dtype or checksum differs from its commit."""
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    """Feature set path -> keys of its entries with a problem."""
     orphans: list[str] = field(default_factory=list)
     """Segments without a commit (`<kind>/<fingerprint>/<group>/<segment>`): data of an interrupted writer,
     ignored by readers and safe to delete."""
@@ -86,6 +88,26 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every committed entry reads back as committed; orphans do not count against it."""
         return not self.problems
+
+
+class EntryReadError(UserError):
+    """An array of a committed entry cannot be read back: its stored bytes are damaged or missing."""
+
+    def __init__(self, fset: FeatureSet, key: str, array: str, cause: Exception):
+        self.fset, self.key, self.array = fset, key, array
+        self.cause = f"{type(cause).__name__}: {cause}"
+        super().__init__(f"array {array} of {fset.path} entry {key} cannot be read ({self.cause})")
+
+
+@dataclass
+class RepairReport:
+    """What `CacheStore.repair` removed, and the dataset configs whose `crepa precompute` recomputes it."""
+
+    checked: int
+    removed: list[str] = field(default_factory=list)
+    """One line per removed entry: its feature set, key and clips."""
+    configs: dict[str, str] = field(default_factory=dict)
+    """dataset config path -> family, of every plan that lists a removed entry."""
 
 
 def checksum(array: np.ndarray) -> str:
@@ -299,13 +321,16 @@ class CacheStore:
             if names is not None and name not in names:
                 continue
             path = f"{prefix}/{name}"
-            if spec["ragged"]:
-                offsets = self._offsets.get(path)
-                if offsets is None:
-                    offsets = self._offsets[path] = self._array(f"{path}{_OFFSETS}").read(0)
-                out[name] = self._array(path).read(int(offsets[row]), int(offsets[row + 1]))
-            else:
-                out[name] = self._array(path).read(row, row + 1)[0]  # (*entry shape)
+            try:
+                if spec["ragged"]:
+                    offsets = self._offsets.get(path)
+                    if offsets is None:
+                        offsets = self._offsets[path] = self._array(f"{path}{_OFFSETS}").read(0)
+                    out[name] = self._array(path).read(int(offsets[row]), int(offsets[row + 1]))
+                else:
+                    out[name] = self._array(path).read(row, row + 1)[0]  # (*entry shape)
+            except Exception as exc:  # decoding and I/O failures of stored bytes: damaged data, named here
+                raise EntryReadError(fset, key, name, exc) from exc
         return out
 
     # ---- writing
@@ -387,11 +412,18 @@ class CacheStore:
         """Re-read every committed entry and compare shape, dtype and checksum with its commit; list orphans."""
         self.refresh()
         report = VerifyReport(checked=0)
+        clips = self._clips_by_key()
         for fset in self.feature_sets():
             index = self._index(fset)
             for key, record in tqdm(sorted(index.entries.items()), desc=f"verify {fset.path}", disable=not progress):
                 report.checked += 1
-                report.problems += self._entry_problems(fset, key, record, index.segments[record["segment"]])
+                problems = self._entry_problems(fset, key, record, index.segments[record["segment"]])
+                if problems:
+                    report.damaged.setdefault(fset.path, []).append(key)
+                    where = (f"{fset.path} entry {key} ({self._describe(clips.get(key, []))}, group "
+                             f"{record['group']}, segment {record['segment']})")
+                    report.problems += [f"{where}: {problem}; `crepa cache repair {self.url}` removes it and "
+                                        "says how to recompute it" for problem in problems]
             committed = set(index.segments)
             report.orphans += [
                 f"{fset.path}/{group}/{segment}"
@@ -402,21 +434,65 @@ class CacheStore:
         return report
 
     def _entry_problems(self, fset: FeatureSet, key: str, record: dict, segment: dict) -> list[str]:
-        where = f"{fset.path} entry {key} (group {record['group']}, segment {record['segment']})"
-        try:
-            arrays = self.read(fset, key)
-        except Exception as exc:  # any decoding or I/O failure is what verify exists to report
-            return [f"{where}: unreadable: {type(exc).__name__}: {exc}"]
         problems = []
         for name, spec in segment["arrays"].items():
-            array, shape = arrays[name], record["shapes"][name]
+            try:
+                array = self.read(fset, key, [name])[name]
+            except EntryReadError as exc:  # any decoding or I/O failure is what verify exists to report
+                problems.append(f"array {name} is unreadable ({exc.cause})")
+                continue
+            shape = record["shapes"][name]
             if array.dtype.name != spec["dtype"]:
-                problems.append(f"{where}: array {name} has dtype {array.dtype.name}, committed {spec['dtype']}")
+                problems.append(f"array {name} has dtype {array.dtype.name}, committed {spec['dtype']}")
             elif list(array.shape) != shape:
-                problems.append(f"{where}: array {name} has shape {list(array.shape)}, committed {shape}")
+                problems.append(f"array {name} has shape {list(array.shape)}, committed {shape}")
             elif checksum(array) != record["checksums"][name]:
-                problems.append(f"{where}: array {name} does not match its checksum (corrupted data)")
+                problems.append(f"array {name} does not match its checksum (corrupted data)")
         return problems
+
+    def _clips_by_key(self) -> dict[str, list[dict]]:
+        """Clip or caption key -> the plans' clips it belongs to (each with its plan's dataset config)."""
+        out: dict[str, list[dict]] = {}
+        for plan in self.plans().values():
+            for clip in plan.get("clips", []):
+                entry = {**clip, "dataset_config": plan.get("dataset_config"), "family": plan.get("family")}
+                out.setdefault(clip["key"], []).append(entry)
+                if clip.get("text_key") != clip["key"]:
+                    out.setdefault(clip.get("text_key"), []).append(entry)
+        return out
+
+    @staticmethod
+    def _describe(clips: list[dict]) -> str:
+        if not clips:
+            return "in no dataset plan"
+        sources = sorted({f"{c.get('dataset', '?')}/{c.get('source', '?')}" for c in clips})
+        more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
+        return "clip " + ", ".join(sources[:3]) + more
+
+    def repair(self, progress: bool = False) -> RepairReport:
+        """Remove the entries `verify` flags from their commits, so the next precompute recomputes exactly them.
+
+        Each manifest holding a flagged key is rewritten without it (atomically, keeping its commit time), for
+        every commit of that key, so no older copy takes its place; the data stays behind, unreferenced.
+        """
+        self._check_writable("repair it")
+        verified = self.verify(progress)
+        report = RepairReport(checked=verified.checked)
+        clips = self._clips_by_key()
+        for path, keys in sorted(verified.damaged.items()):
+            bad = set(keys)
+            folder = f"{self._root}/manifest/{path}"
+            for file, manifest in read_json_files(self._fs, list_json(self._fs, folder)).items():
+                if bad & manifest["entries"].keys():
+                    manifest["entries"] = {k: v for k, v in manifest["entries"].items() if k not in bad}
+                    write_json(self._fs, file, manifest)
+            for key in sorted(bad):
+                report.removed.append(f"{path} entry {key} ({self._describe(clips.get(key, []))})")
+                for clip in clips.get(key, []):
+                    if clip["dataset_config"]:
+                        report.configs[clip["dataset_config"]] = clip["family"]
+        self.refresh()
+        return report
 
     def _segment_dirs(self, fset: FeatureSet) -> dict[str, list[str]]:
         """group -> segment folder names present in the store, committed or not."""

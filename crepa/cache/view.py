@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crepa.cache.quantize import dequantize_per_token
-from crepa.cache.store import CacheStore, FeatureSet
+from crepa.cache.store import CacheStore, EntryReadError, FeatureSet
 from crepa.encoders import resolve_encoder
 from crepa.errors import UserError
 
@@ -95,14 +95,27 @@ class CacheView:
                          "choose one with --crepa-encoder NAME or FINGERPRINT")
 
     def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:
-        """{'key', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}."""
-        sample: dict[str, np.ndarray | str] = {
-            "key": clip.key,
-            "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
-            "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
-        }
-        if self.teacher is not None:  # the CLS token is not part of the training view
-            sample["teacher"] = self._teacher_patch(clip.key)
+        """{'key', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}.
+
+        Damaged stored bytes stop the caller with one line naming the clip, the array and the fix: training on
+        without the clip would silently change what the run learns from.
+        """
+        try:
+            sample: dict[str, np.ndarray | str] = {
+                "key": clip.key,
+                "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
+                "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
+            }
+            if self.teacher is not None:  # the CLS token is not part of the training view
+                sample["teacher"] = self._teacher_patch(clip.key)
+        except EntryReadError as exc:
+            url = self.store.url
+            raise UserError(
+                f"clip {clip.key} ({clip.source}, bucket {clip.group}): {exc}",
+                fix=f"run `crepa cache verify {url}` to list every damaged entry, `crepa cache repair {url}` to "
+                    "remove them, then `crepa precompute` with the same dataset config recomputes them; resume "
+                    "training with --resume",
+            ) from None
         return sample
 
     def _teacher_patch(self, key: str) -> np.ndarray:

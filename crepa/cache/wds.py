@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 from urllib.parse import urlparse
 
@@ -116,6 +117,8 @@ class ShardIndex:
     repeated: list[int]
     """Samples per shard with every clip's num_repeats applied."""
     meta: dict
+    filesizes: list[int | None] = field(default_factory=list)
+    """Bytes of each shard when it was indexed (None where the index does not say)."""
 
 
 def _join(base: str, url: str) -> str:
@@ -155,7 +158,8 @@ def read_index(cache: str) -> ShardIndex:
                              f"`crepa cache index {base}`")
         entries = {u: entries[u] for u in wanted}
     return ShardIndex(index_url, list(entries), [int(e["nsamples"]) for e in entries.values()],
-                      [int(e.get("repeated", e["nsamples"])) for e in entries.values()], document.get("crepa", {}))
+                      [int(e.get("repeated", e["nsamples"])) for e in entries.values()], document.get("crepa", {}),
+                      [e.get("filesize") for e in entries.values()])
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -167,15 +171,30 @@ def open_shard(url: str) -> IO[bytes]:
     return fsspec.open(url, "rb").open()
 
 
-def _opened(urls: Iterable[str]) -> Iterator[dict]:
-    for url in urls:
-        with open_shard(url) as stream:  # closed once the tar reader asks for the next shard
-            yield {"url": url, "stream": stream}
-
-
 def shard_samples(urls: Iterable[str]) -> Iterator[dict]:
-    """Undecoded samples ({"__key__", "__url__", field: bytes}) of the shards, in order; raises on a bad shard."""
-    return tariterators.group_by_keys(tariterators.tar_file_expander(_opened(urls)))
+    """Undecoded samples ({"__key__", "__url__", field: bytes}) of the shards, in order.
+
+    A shard that cannot be read to its end (truncated, damaged) raises an error naming it and the fix.
+    """
+    current = {"url": None}
+
+    def opened() -> Iterator[dict]:
+        for url in urls:
+            current["url"] = url
+            with open_shard(url) as stream:  # closed once the tar reader asks for the next shard
+                yield {"url": url, "stream": stream}
+
+    try:
+        yield from tariterators.group_by_keys(tariterators.tar_file_expander(opened()))
+    except UserError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise UserError(f"shard {current['url']} is missing",
+                            fix="re-export the shards with `crepa cache export --format wds --overwrite`") from exc
+        reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]  # tarfile appends the stream's repr
+        raise UserError(f"shard {current['url']} is truncated or damaged ({type(exc).__name__}: {reason})",
+                        fix="re-export it with `crepa cache export --format wds --overwrite`") from exc
 
 
 def decoded(samples: Iterable[dict]) -> Iterator[dict]:

@@ -120,7 +120,9 @@ def load_dataset_config(path: str, temporal_compression: int) -> DatasetConfigFi
     try:
         data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetConfigError(f"dataset config {path} does not exist; check the --config path of `crepa precompute`") from None
+        raise DatasetConfigError(
+            f"dataset config {path} does not exist; check the --config path of `crepa precompute`"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise DatasetConfigError(f"{path} is not valid TOML: {error}") from None
     for key in data:

@@ -38,7 +38,7 @@ import zarr
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_STEPS = 12
+TRAIN_STEPS = 20
 CHECKPOINT_EVERY = 2
 ATOL = 1e-6
 
@@ -54,6 +54,8 @@ class Setup:
     reference_run: str = ""
     precompute_seconds: float = 0.0
     train_seconds: float = 0.0
+    train_loop_seconds: float = 0.0
+    """From the training loop's start (train_config.json written) to the end."""
 
 
 def make_setup(root: Path, clips: int = 8, models: dict[str, str] | None = None) -> Setup:
@@ -90,13 +92,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_to_end(argv: list[str]) -> float:
-    """Run a command to completion (failing loudly); returns its wall time."""
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=_env(), cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+def run_to_end(argv: list[str], after: Callable[[], bool] | None = None) -> tuple[float, float]:
+    """Run a command to completion (failing loudly); returns its wall time, and the part after `after()` first
+    held (the whole when not given)."""
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
+        while after is not None and not after() and process.poll() is None:
+            time.sleep(0.02)
+        mark = time.perf_counter() if after is not None else start
+        if process.wait():
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(argv)} exited {process.returncode}:\n{errors.read()[-3000:]}")
+    end = time.perf_counter()
+    return end - start, end - mark
 
 
 def run_and_kill(argv: list[str], delay: float, after: Callable[[], bool] | None = None) -> bool:
@@ -120,10 +129,17 @@ def run_and_kill(argv: list[str], delay: float, after: Callable[[], bool] | None
 def prepare_references(setup: Setup, train: bool = True) -> None:
     """The uninterrupted runs every trial is compared with, timed to spread the kills over their duration."""
     setup.reference_cache = str(setup.root / "reference_cache")
-    setup.precompute_seconds = run_to_end(precompute_argv(setup, setup.reference_cache, None))
+    setup.precompute_seconds, _ = run_to_end(precompute_argv(setup, setup.reference_cache, None))
     if train:
         setup.reference_run = str(setup.root / "reference_run")
-        setup.train_seconds = run_to_end(train_argv(setup, setup.reference_run, resume=False))
+        setup.train_seconds, setup.train_loop_seconds = run_to_end(
+            train_argv(setup, setup.reference_run, resume=False),
+            after=lambda: os.path.exists(loop_started(setup.reference_run)))
+
+
+def loop_started(output_dir: str) -> str:
+    """The file a training run writes just before its first step."""
+    return os.path.join(output_dir, "train_config.json")
 
 
 # ---- precompute checks
@@ -250,11 +266,14 @@ def run_trials(setup: Setup, precompute: int, train: int, seed: int) -> tuple[in
         _report("precompute", i, f"delay {delay:.2f} s, segment clips {segment_clips or 'default'}, {landed}",
                 problems)
         passed["precompute"] += not problems
+    output_dir = str(setup.root / "run")
     for i in range(train):
-        delay = rng.uniform(0.0, setup.train_seconds)
-        output_dir = str(setup.root / "run")
-        landed, problems = train_trial(setup, output_dir, delay)
-        _report("train", i, f"delay {delay:.2f} s, {landed}", problems)
+        # start-up (imports, model load) is most of a tiny run: every other kill is drawn over the loop alone
+        in_loop = i % 2 == 1
+        delay = rng.uniform(0.0, setup.train_loop_seconds if in_loop else setup.train_seconds)
+        after = (lambda: os.path.exists(loop_started(output_dir))) if in_loop else None
+        landed, problems = train_trial(setup, output_dir, delay, after)
+        _report("train", i, f"delay {delay:.2f} s{' into the loop' if in_loop else ''}, {landed}", problems)
         passed["train"] += not problems
     return passed["precompute"], passed["train"]
 
@@ -278,8 +297,8 @@ def main() -> int:
     start = time.perf_counter()
     setup = make_setup(root, clips=args.clips)
     prepare_references(setup, train=args.train > 0)
-    print(f"seed {args.seed}; uninterrupted precompute {setup.precompute_seconds:.1f} s, "
-          f"train {setup.train_seconds:.1f} s; work in {root}", flush=True)
+    print(f"seed {args.seed}; uninterrupted precompute {setup.precompute_seconds:.1f} s, train "
+          f"{setup.train_seconds:.1f} s ({setup.train_loop_seconds:.1f} s in the loop); work in {root}", flush=True)
     ok_pre, ok_train = run_trials(setup, args.precompute, args.train, args.seed)
     print(f"precompute: {ok_pre}/{args.precompute} ok, train: {ok_train}/{args.train} ok "
           f"({time.perf_counter() - start:.0f} s)")

@@ -81,6 +81,14 @@ def time_alternating(variants: dict[str, Callable[[], object]], rounds: int, war
     return times
 
 
+def status_bytes(field: str) -> int:
+    """A size line of /proc/self/status in bytes, e.g. VmHWM (peak RSS; unlike ru_maxrss it is not carried over
+    exec, so a child reports its own peak) or RssAnon."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from bench.common import markdown_table, median, parser, record
+from bench.common import markdown_table, median, parser, record, status_bytes
 from bench.real_configs import WAN_1_3B, WAN_14B, wan_transformer
 from bench.train_step import TEXT_DIM, TEXT_TOKENS, peak_bytes
 from train.precision import LOAD_DTYPE, base_bytes, prepare_base
@@ -64,12 +64,6 @@ def memory_table(lora_rank: int) -> tuple[str, dict]:
     table = markdown_table(["model", "base params", "fp32 GiB", "bf16 GiB", "fp8 GiB", f"LoRA r{lora_rank} params",
                             "LoRA fp32 MiB", "grads + AdamW MiB"], rows)
     return table, sizes
-
-
-def status_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 class AnonPeak:

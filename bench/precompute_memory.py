@@ -23,16 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import markdown_table, parser, record
+from bench.common import markdown_table, parser, record, status_bytes
 
 VARIANTS = ("small", "large", "tables")
-
-
-def peak_rss() -> int:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def write_inputs(workdir: Path, args) -> int:
@@ -85,7 +78,7 @@ def measure(args) -> None:
         teacher=TeacherSettings(encoder=str(workdir / "dinov2"), image_size=56), segment_clips=16)
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars
         summary = run_precompute(config)
-    print(json.dumps({"clips": summary.computed["latents"], "peak": peak_rss()}))
+    print(json.dumps({"clips": summary.computed["latents"], "peak": status_bytes("VmHWM")}))
 
 
 def in_child(variant: str, workdir: str, args) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import markdown_table, median, parser, record, spread, time_alternating
+from bench.common import markdown_table, median, parser, record, spread, status_bytes, time_alternating
 from bench.real_configs import DINOV2, save_dinov2, wan_transformer, wan_vae
 from crepa.families import get_family
 from crepa.projector import CrepaProjector
@@ -185,10 +185,7 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
+    return status_bytes("VmHWM")
 
 
 def measure_memory(args) -> None:

@@ -130,11 +130,11 @@ def crepa_scores(
     loop over frames.
     """
     if student.ndim != 5 or teacher.ndim != 5:
-        raise UserError(
+        raise ValueError(
             f"student and teacher must be (B, F, h, w, D); got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if student.shape[:2] != teacher.shape[:2] or student.shape[-1] != teacher.shape[-1]:
-        raise UserError(
+        raise ValueError(
             "student and teacher must agree on batch, frames and channels; "
             f"got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )

@@ -42,5 +42,6 @@ def _build(merged: dict, from_file: dict, config_file: str | None) -> TrainConfi
         try:
             build_config(TrainConfig, from_file)
         except UserError as file_error:
-            raise UserError(file_error.what, where=config_file, fix=file_error.fix) from None
+            if file_error.what == error.what:  # the file's value reached the run: name the file
+                raise UserError(file_error.what, where=config_file, fix=file_error.fix) from None
         raise error

@@ -8,17 +8,15 @@ from pathlib import Path
 import av
 import numpy as np
 
-from crepa.errors import UserError
-
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_interval: int | None = None) -> None:
     """Encode uint8 (F, H, W, 3) RGB `frames` to `path` as H.264 (MPEG-4 Part 2 when this PyAV lacks libx264),
     yuv420p. `keyframe_interval` sets the GOP length (short GOPs exercise seeking)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise UserError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     _, height, width, _ = frames.shape
     if height % 2 or width % 2:
-        raise UserError(f"yuv420p needs even sides, got {width}x{height}; crop or pad by one pixel")
+        raise ValueError(f"yuv420p needs even sides, got {width}x{height}; crop or pad by one pixel")
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))

@@ -174,3 +174,29 @@ def test_checkpoint_restores_the_cuda_rng(tmp_path, checkpointed_run, trained_ca
     expected = torch.rand(4, device="cuda")
     load_rng_state(str(tmp_path), 0)
     torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)
+
+
+def test_a_failed_lora_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    """A write cut short (a kill, a full disk) never leaves a truncated LoRA under its final name."""
+    import safetensors.torch
+
+    from crepa.families import get_family
+    from train.lora import COMFYUI_WEIGHTS, LORA_WEIGHTS, add_lora, save_lora
+
+    adapter = get_family("wan")
+    model = adapter.transformer_class()(**adapter.tiny_transformer_config())
+    add_lora(model, 4, 4.0, 0.0, list(adapter.default_lora_targets))
+    out = tmp_path / "run"
+    save_lora(adapter, model, str(out), 4, 4.0, comfyui=True)
+    before = {name: (out / name).read_bytes() for name in (LORA_WEIGHTS, COMFYUI_WEIGHTS)}
+
+    def cut_short(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 10)
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        save_lora(adapter, model, str(out), 4, 4.0, comfyui=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before), "no temporary file is left behind"

@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
 from crepa.errors import UserError
-from crepa.fields import check_fields
+from crepa.fields import check_fields, flag_name
 from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -168,9 +168,9 @@ class TrainConfig:
 
     def require_paths(self) -> None:
         """The three locations every run needs, checked once options from all sources are merged."""
-        for name in ("cache", "model", "output_dir"):
-            if not getattr(self, name):
-                raise UserError(f"--{_flag(name)} is required (on the command line or in --config)")
+        for option in fields(self):
+            if option.name in ("cache", "model", "output_dir") and not getattr(self, option.name):
+                raise UserError(f"--{flag_name(option)} is required (on the command line or in --config)")
 
     def schedule_config(self) -> CrepaScheduleConfig:
         return CrepaScheduleConfig(
@@ -183,10 +183,6 @@ class TrainConfig:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(asdict(self), f, indent=2)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def read_config_file(path: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 from torch import nn
@@ -44,8 +45,9 @@ def lora_layers(transformer: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, LoraLayer)}
 
 
-def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> None:
-    """Refuse LoRA layers ComfyUI has no name for: its loader would skip them with only a log line."""
+def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, str]:
+    """ComfyUI's name of every LoRA layer; refuses layers it has none for (its loader would skip them with a log
+    line only)."""
     names = adapter.comfyui_modules(transformer)
     missing = [name for name in lora_layers(transformer) if name not in names]
     if missing:
@@ -53,12 +55,12 @@ def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> None
         raise UserError(f"--comfyui-export: ComfyUI's {adapter.name} model has no module for the LoRA layer(s) "
                          f"{shown}, so ComfyUI would skip them; drop them from --lora-target-modules or drop "
                          "--comfyui-export")
+    return names
 
 
 def comfyui_state_dict(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter under ComfyUI's module names, as lora_A / lora_B weights and one alpha per layer."""
-    check_comfyui_export(adapter, transformer)
-    names = adapter.comfyui_modules(transformer)
+    names = check_comfyui_export(adapter, transformer)
     state = {}
     for name, layer in lora_layers(transformer).items():
         comfy = names[name]
@@ -71,7 +73,11 @@ def comfyui_state_dict(adapter: FamilyAdapter, transformer: nn.Module) -> dict[s
 
 def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank: int, alpha: float,
               comfyui: bool) -> str:
-    """`pytorch_lora_weights.safetensors` loadable by the family pipeline's `load_lora_weights`."""
+    """`pytorch_lora_weights.safetensors` loadable by the family pipeline's `load_lora_weights`.
+
+    The files are written in a temporary folder beside them and renamed into place, so a run cut short
+    (a kill, a full disk) leaves the previous files whole instead of a truncated one under the final name.
+    """
     import diffusers
     from safetensors.torch import save_file
 
@@ -81,8 +87,11 @@ def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank:
     config = transformer.peft_config["default"]
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(config.target_modules),
                 "lora_dropout": config.lora_dropout}
-    pipeline.save_lora_weights(folder, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
-                               transformer_lora_adapter_metadata=metadata)
-    if comfyui:
-        save_file(comfyui_state_dict(adapter, transformer), os.path.join(folder, COMFYUI_WEIGHTS))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
+        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
+                                   transformer_lora_adapter_metadata=metadata)
+        if comfyui:
+            save_file(comfyui_state_dict(adapter, transformer), os.path.join(tmp, COMFYUI_WEIGHTS))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     return os.path.join(folder, LORA_WEIGHTS)

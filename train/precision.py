@@ -51,7 +51,8 @@ class _ScaledFp8Matmul(torch.autograd.Function):
 class Fp8Linear(nn.Linear):
     """A frozen `nn.Linear` whose weight is float8_e4m3fn times one fp32 scale, computed in `compute_dtype`.
 
-    Still an `nn.Linear`, so peft wraps it with LoRA like any other linear layer.
+    Still an `nn.Linear`: it takes the place of a frozen layer, or of the `base_layer` inside a peft LoRA layer,
+    wherever the model or peft looks for one.
     """
 
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
@@ -70,9 +71,6 @@ class Fp8Linear(nn.Linear):
         x = x.to(self.compute_dtype)
         y = _ScaledFp8Matmul.apply(x, self.weight, self.weight_scale)
         return y if self.bias is None else y + self.bias
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.to(torch.float32) * self.weight_scale
 
 
 def _skipped(model: nn.Module, name: str) -> bool:

@@ -90,6 +90,13 @@ class VerifyReport:
         return not self.problems
 
 
+# What damaged or missing stored bytes raise when read: checksum and size checks (ValueError), codec failures
+# (RuntimeError), a missing chunk or shard (FileNotFoundError, KeyError), a short read (EOFError). Other OSErrors
+# (a network timeout, a permission change) and MemoryError are not the data's fault and pass through unchanged,
+# so `verify` and `repair` never condemn good entries for them.
+_DAMAGED_DATA_ERRORS = (ValueError, RuntimeError, KeyError, FileNotFoundError, EOFError)
+
+
 class EntryReadError(UserError):
     """An array of a committed entry cannot be read back: its stored bytes are damaged or missing."""
 
@@ -329,7 +336,7 @@ class CacheStore:
                     out[name] = self._array(path).read(int(offsets[row]), int(offsets[row + 1]))
                 else:
                     out[name] = self._array(path).read(row, row + 1)[0]  # (*entry shape)
-            except Exception as exc:  # decoding and I/O failures of stored bytes: damaged data, named here
+            except _DAMAGED_DATA_ERRORS as exc:  # stored bytes that fail to decode or check, or a missing chunk
                 raise EntryReadError(fset, key, name, exc) from exc
         return out
 
@@ -591,36 +598,36 @@ class SegmentWriter:
         if self._closed:
             raise RuntimeError(f"writer {self.writer_id} of {self.fset.path} is closed; open a new one")
         if not isinstance(key, str) or not key:
-            raise UserError(f"entry key {key!r} must be a non-empty string")
+            raise ValueError(f"entry key {key!r} must be a non-empty string")
         _check_name(group, "group")
         if not arrays:
-            raise UserError(f"entry {key!r} has no arrays")
+            raise ValueError(f"entry {key!r} has no arrays")
         copies = {}
         for name, value in arrays.items():
             _check_name(name, f"array name of entry {key!r}")
             # Copy: the caller may reuse its buffers before the flush. Native byte order so checksums match reads.
             array = np.asarray(value)
             if array.dtype.hasobject or array.dtype.kind not in "biufc":
-                raise UserError(f"array {name} of entry {key!r} has dtype {array.dtype}; store numbers only")
+                raise ValueError(f"array {name} of entry {key!r} has dtype {array.dtype}; store numbers only")
             copies[name] = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)
             if name in self.ragged and copies[name].ndim == 0:
-                raise UserError(f"ragged array {name} of entry {key!r} is a scalar; it needs a first dim to vary")
+                raise ValueError(f"ragged array {name} of entry {key!r} is a scalar; it needs a first dim to vary")
         meta = _jsonable(meta or {}, f"meta of entry {key!r}")
         reserved = set(_RESERVED_META) & meta.keys()
         if reserved:
-            raise UserError(f"meta of entry {key!r} uses reserved names {sorted(reserved)}; rename them")
+            raise ValueError(f"meta of entry {key!r} uses reserved names {sorted(reserved)}; rename them")
         spec = {
             name: (a.dtype.name, a.shape[1:] if name in self.ragged else a.shape) for name, a in sorted(copies.items())
         }
         pending = self._pending.setdefault(group, _Pending(spec))
         if spec != pending.spec:
-            raise UserError(
+            raise ValueError(
                 f"entry {key!r} of group {group!r} in {self.fset.path} has arrays {spec} but the group holds "
                 f"{pending.spec}; every entry of a group needs the same names, dtypes and shapes (name the arrays "
                 "whose first dim varies in ragged=)"
             )
         if any(key == k for k, _, _ in pending.entries):
-            raise UserError(f"entry {key!r} was added twice to group {group!r} before a flush")
+            raise ValueError(f"entry {key!r} was added twice to group {group!r} before a flush")
         pending.entries.append((key, copies, meta))
         pending.nbytes += sum(a.nbytes for a in copies.values())
         if len(pending.entries) >= self.max_segment_entries or pending.nbytes >= self.max_segment_bytes:

@@ -115,7 +115,7 @@ class CacheView:
                 fix=f"run `crepa cache verify {url}` to list every damaged entry, `crepa cache repair {url}` to "
                     "remove them, then `crepa precompute` with the same dataset config recomputes them; resume "
                     "training with --resume",
-            ) from None
+            ) from exc
         return sample
 
     def _teacher_patch(self, key: str) -> np.ndarray:

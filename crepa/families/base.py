@@ -143,7 +143,7 @@ class FamilyAdapter(ABC):
         frames, height, width = grid
         batch, count, dim = tokens.shape
         if count != frames * height * width:
-            raise UserError(
+            raise ValueError(
                 f"{self.name}: block output has {count} tokens, expected {frames}x{height}x{width} from the latents"
             )
         return tokens.reshape(batch, frames, height, width, dim)

@@ -13,6 +13,7 @@ import pytest
 import webdataset
 
 from crepa.cache.wds import export_webdataset, iter_webdataset, read_index, write_index_for
+from crepa.errors import UserError
 
 
 def sample(i: int, teacher: bool = True) -> dict:
@@ -152,3 +153,15 @@ def test_shards_without_an_index_say_how_to_write_one(tmp_path):
         read_index(str(tmp_path))
     index = write_index_for(str(tmp_path))
     assert index.nsamples == [2, 1] and index.repeated == [1 + 2, 3]
+
+
+@pytest.mark.parametrize("text", ['{"__kind__": "wids-shard-index-v1", "shardlist": [',
+                                  '{"__kind__": "wids-shard-index-v1", "shardlist": [{"url": "cache-000000.tar"}]}',
+                                  '{"__kind__": "wids-shard-index-v1", "shardlist": [{"nsamples": 1}]}',
+                                  '{"__kind__": "wids-shard-index-v1", "shardlist": ["cache-000000.tar"]}'],
+                         ids=["bad-json", "no-nsamples", "no-url", "entry-not-an-object"])
+def test_a_malformed_index_says_how_to_rewrite_it(tmp_path, text):
+    export_webdataset([sample(0)], str(tmp_path))
+    (tmp_path / "shards.json").write_text(text)
+    with pytest.raises(UserError, match=f"{tmp_path}/shards.json.*crepa cache index {tmp_path}"):
+        read_index(str(tmp_path))

@@ -101,6 +101,17 @@ def test_shards_for_another_family_or_encoder_fail_before_step_0(tmp_path):
     assert default_family(str(tmp_path)) == "wan"
 
 
+def test_shards_indexed_after_export_keep_the_teacher_encoder(tmp_path, trained_cache, tiny_models):
+    from crepa.cache.export import export_view
+    from crepa.cache.wds import write_index_for
+
+    out = str(tmp_path / "shards")
+    export_view(trained_cache, out)
+    os.remove(os.path.join(out, "shards.json"))
+    index = write_index_for(out)
+    check_shards(index, TrainConfig(cache=out, family="wan", crepa_encoder=tiny_models["dinov2"]), with_teacher=True)
+
+
 def test_family_defaults_to_the_caches(trained_cache):
     assert default_family(trained_cache) == "wan"
 

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from crepa.cache.atomic import is_local
-from crepa.cache.export import cache_family
 from crepa.cache.store import CacheStore
+from crepa.cache.view import cache_family
 from crepa.cache.wds import ShardIndex, iter_webdataset, read_index
 from crepa.encoders import resolve_encoder
 from crepa.errors import UserError

@@ -5,41 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from crepa.cache.store import CacheStore
-from crepa.cache.view import CacheView
+from crepa.cache.view import CacheView, cache_family
 from crepa.cache.wds import export_webdataset
-from crepa.errors import UserError
-
-
-def cache_family(store: CacheStore, family: str | None = None) -> str:
-    """`family`, or the one family the cache's plans were made for; several need a choice."""
-    if family:
-        return family
-    families = sorted({plan["family"] for plan in store.plans().values()})
-    if not families:
-        raise UserError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
-    if len(families) > 1:
-        raise UserError(f"cache {store.url} holds clips for families {', '.join(families)}; choose one with "
-                         f"--family")
-    return families[0]
 
 
 def view_samples(view: CacheView) -> Iterator[dict]:
-    """One webdataset sample per complete clip, keyed by its clip key."""
+    """One webdataset sample per complete clip, keyed by its clip key; its json carries the view's `view_meta`."""
+    meta = view_meta(view)
     for clip in view.clips:
         arrays = view.load(clip)
         sample = {"__key__": clip.key, "latents.npy": arrays["latents"], "text.npy": arrays["text"],
                   "json": {"key": clip.key, "caption": clip.caption, "group": clip.group, "source": clip.source,
-                           "num_repeats": clip.num_repeats, "text_key": clip.text_key, "family": view.family,
-                           "text_max_length": view.text.attrs["max_length"],
-                           "latents_set": view.latents.fingerprint, "text_set": view.text.fingerprint,
-                           "teacher_set": view.teacher.fingerprint if view.teacher else None}}
+                           "num_repeats": clip.num_repeats, "text_key": clip.text_key, **meta}}
         if view.teacher is not None:
             sample["teacher.npy"] = arrays["teacher"]
         yield sample
 
 
 def view_meta(view: CacheView) -> dict:
-    """What the shards were made for, written into their index and checked by the trainer before step 0."""
+    """What the shards were made for, in every sample's json and their index; the trainer checks it before step 0.
+
+    Its keys are `crepa.cache.wds.META_KEYS`, which `crepa cache index` reads back from the samples.
+    """
     teacher = view.teacher.attrs if view.teacher is not None else {}
     return {"family": view.family, "latents_set": view.latents.fingerprint, "text_set": view.text.fingerprint,
             "text_max_length": view.text.attrs["max_length"],

@@ -12,6 +12,27 @@ from crepa.encoders import resolve_encoder
 from crepa.errors import UserError
 
 
+def plans_by_family(store: CacheStore) -> dict[str, dict[str, dict]]:
+    """The cache's dataset plans by name, under the family each was made for; a cache without one is refused."""
+    by_family: dict[str, dict[str, dict]] = {}
+    for name, plan in store.plans().items():
+        by_family.setdefault(plan["family"], {})[name] = plan
+    if not by_family:
+        raise UserError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
+    return by_family
+
+
+def cache_family(store: CacheStore, family: str | None = None) -> str:
+    """`family`, or the one family the cache's plans were made for; several need a choice."""
+    if family:
+        return family
+    families = sorted(plans_by_family(store))
+    if len(families) > 1:
+        raise UserError(f"cache {store.url} holds clips for families {', '.join(families)}; choose one with "
+                         "--family")
+    return families[0]
+
+
 @dataclass(frozen=True)
 class ViewClip:
     """A clip the view can serve; every join goes through its keys, never positions."""
@@ -28,16 +49,14 @@ class CacheView:
     """Selects feature sets for one family/encoder and lists the clips complete in all of them."""
 
     def __init__(self, store: CacheStore, family: str, encoder: str | None = None, with_teacher: bool = True):
-        plans = store.plans()
-        if not plans:
-            raise UserError(f"cache {store.url} has no dataset plan; run `crepa precompute --out {store.url}` first")
-        families = {plan["family"] for plan in plans.values()}
-        if family not in families:
+        by_family = plans_by_family(store)
+        if family not in by_family:
+            families = sorted(by_family)
             raise UserError(
-                f"cache {store.url} was made for family {', '.join(sorted(families))}, not {family!r}; "
-                f"pass --family {sorted(families)[0]} or precompute a cache for {family}"
+                f"cache {store.url} was made for family {', '.join(families)}, not {family!r}; "
+                f"pass --family {families[0]} or precompute a cache for {family}"
             )
-        plans = {name: plan for name, plan in plans.items() if plan["family"] == family}
+        plans = by_family[family]
         pairs = {(plan["latents_set"], plan["text_set"]) for plan in plans.values()}
         if len(pairs) > 1:
             raise UserError(

@@ -33,6 +33,8 @@ REQUIRED_FIELDS = ("latents.npy", "text.npy", "json")
 INDEX_NAME = "shards.json"
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_PREFIX = "cache-"
+META_KEYS = ("family", "latents_set", "text_set", "text_max_length", "teacher_set", "encoder", "encoder_path")
+"""What an exported sample's json says the shards were made for; its index records the same under "crepa"."""
 
 
 def _check_sample(sample: dict, seen: set[str]) -> str:
@@ -139,27 +141,32 @@ def read_index(cache: str) -> ShardIndex:
     else:
         index_url, wanted = posixpath.join(cache.rstrip("/"), INDEX_NAME), None
     fs, path = fsspec.core.url_to_fs(index_url)
-    if not fs.exists(path):
-        folder = posixpath.dirname(index_url)
-        raise FileNotFoundError(
-            f"no shard index {index_url}; `crepa cache export --format wds CACHE {folder}` writes one with the "
-            f"shards, and `crepa cache index {folder}` writes one for shards made another way"
-        )
-    with fs.open(path, "r") as f:
-        document = json.load(f)
-    if document.get("__kind__") != INDEX_KIND or not isinstance(document.get("shardlist"), list):
-        raise UserError(f"{index_url} is not a {INDEX_KIND} shard index; rewrite it with `crepa cache index`")
     base = posixpath.dirname(index_url)
-    entries = {_join(base, e["url"]): e for e in document["shardlist"]}
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"no shard index {index_url}; `crepa cache export --format wds CACHE {base}` writes one with the "
+            f"shards, and `crepa cache index {base}` writes one for shards made another way"
+        )
+    rewrite = f"rewrite it with `crepa cache index {base}`, or re-export the shards with `crepa cache export`"
+    try:
+        with fs.open(path, "r") as f:
+            document = json.load(f)
+        kind, meta = document.get("__kind__"), dict(document.get("crepa", {}))
+        entries = {_join(base, e["url"]): (int(e["nsamples"]), int(e.get("repeated", e["nsamples"])),
+                                           e.get("filesize")) for e in document["shardlist"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # bad JSON, missing or mistyped fields
+        raise UserError(f"malformed shard index ({type(exc).__name__}: {exc})", where=index_url, fix=rewrite) from None
+    if kind != INDEX_KIND:
+        raise UserError(f"not a {INDEX_KIND} shard index", where=index_url, fix=rewrite)
     if wanted is not None:
         missing = [u for u in wanted if u not in entries]
         if missing:
             raise UserError(f"{index_url} does not list {', '.join(missing[:3])}; rewrite it with "
                              f"`crepa cache index {base}`")
         entries = {u: entries[u] for u in wanted}
-    return ShardIndex(index_url, list(entries), [int(e["nsamples"]) for e in entries.values()],
-                      [int(e.get("repeated", e["nsamples"])) for e in entries.values()], document.get("crepa", {}),
-                      [e.get("filesize") for e in entries.values()])
+    counts = list(entries.values())
+    return ShardIndex(index_url, list(entries), [n for n, _, _ in counts], [r for _, r, _ in counts], meta,
+                      [size for _, _, size in counts])
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -226,7 +233,7 @@ def write_index_for(folder: str) -> ShardIndex:
         if "json" not in sample:
             raise UserError(f"sample {sample['__key__']} of {sample['__url__']} has no json member")
         info = json.loads(sample["json"])
-        meta = meta or {k: info.get(k) for k in ("family", "latents_set", "text_set", "teacher_set")}
+        meta = meta or {k: info[k] for k in META_KEYS if k in info}
         count = counts[posixpath.basename(sample["__url__"])]
         count[0] += 1
         count[1] += int(info.get("num_repeats", 1))

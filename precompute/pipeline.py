@@ -206,8 +206,9 @@ def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: lis
 
     The hash covers the resolved datasets, family and feature sets, so two configs that share a file name (every
     folder's dataset.toml) get two plans and training sees the clips of both; a rerun of one config rewrites its
-    own plan, and an edited config replaces the plans it made before (rank 0 removes them), so clips it dropped
-    leave training too. Training reads every plan, so the parts of all ranks together list every clip.
+    own plan, and an edited config replaces the plans it made before with the same family and feature sets (rank 0
+    removes them), so clips it dropped leave training too; its plans for other models stay. Training reads every
+    plan, so the parts of all ranks together list every clip.
     """
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(dataset_config))[0])
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:16]
@@ -215,8 +216,9 @@ def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: lis
     store.write_plan(name, {"name": readable, "content_hash": digest, **header, "clips": clips})
     if rank != 0:
         return
+    same_run = ("dataset_config", "family", "latents_set", "text_set")
     for other, plan in store.plans().items():
-        if plan.get("dataset_config") == header["dataset_config"] and plan.get("content_hash") != digest:
+        if all(plan.get(field) == header[field] for field in same_run) and plan.get("content_hash") != digest:
             store.remove_plan(other)
 
 

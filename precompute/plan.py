@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from crepa.cache.keys import clip_key, text_key
 from crepa.errors import UserError
@@ -79,24 +80,12 @@ def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_leng
     skipped: list[Skipped] = []
     owners: dict[str, str] = {}  # clip key -> "<dataset>/<source>" of its first occurrence, which wins
     for number, dataset in enumerate(datasets):
-        for item in iter_videos(dataset, (rank - number) % world, world):
-            source = f"{dataset.name}/{item.name}"
-            reason = _unusable(item, dataset)
-            if reason is not None:
-                skipped.append(Skipped(source, reason))
+        # map drops each item (and the video bytes it may hold) before the next is read
+        plan_video = partial(_plan_video, dataset=dataset, text_identity=text_identity, text_max_length=text_max_length)
+        for source, planned in map(plan_video, iter_videos(dataset, (rank - number) % world, world)):
+            if isinstance(planned, str):
+                skipped.append(Skipped(source, planned))
                 continue
-            try:
-                info = probe_video(item.video)
-            except Exception as error:  # a corrupt container fails here; the run goes on without it
-                skipped.append(Skipped(source, f"cannot read video: {error}"))
-                continue
-            segments = plan_segments(info, dataset)
-            if not segments.segments:
-                skipped.append(Skipped(source, segments.reason))
-                continue
-            width, height = choose_bucket(info.width, info.height, dataset.resolutions)
-            planned = [_clip(item, dataset, segment, width, height, text_identity, text_max_length)
-                       for segment in segments.segments]
             fresh = [clip for clip in planned if clip.key not in owners]
             if len(fresh) < len(planned):
                 first = next(owners[clip.key] for clip in planned if clip.key in owners)
@@ -105,6 +94,25 @@ def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_leng
             owners.update((clip.key, source) for clip in fresh)
             clips += fresh
     return clips, skipped
+
+
+def _plan_video(item: VideoItem, dataset: DatasetConfig, text_identity: dict,
+                text_max_length: int) -> tuple[str, list[PlannedClip] | str]:
+    """(`<dataset>/<video>`, its clips), or the reason it cannot be used in place of the clips."""
+    source = f"{dataset.name}/{item.name}"
+    reason = _unusable(item, dataset)
+    if reason is not None:
+        return source, reason
+    try:
+        info = probe_video(item.probe_source)
+    except Exception as error:  # a corrupt container fails here; the run goes on without it
+        return source, f"cannot read video: {error}"
+    segments = plan_segments(info, dataset)
+    if not segments.segments:
+        return source, segments.reason
+    width, height = choose_bucket(info.width, info.height, dataset.resolutions)
+    return source, [_clip(item, dataset, segment, width, height, text_identity, text_max_length)
+                    for segment in segments.segments]
 
 
 def _unusable(item: VideoItem, dataset: DatasetConfig) -> str | None:

@@ -6,12 +6,13 @@ row or member and the fix, before any model is loaded.
 
 Ranks share the videos by position (`index % world == rank`), and each source lists its videos cheaply before
 anything costly is done: only this rank's videos are stat'ed, hashed or read. Videos inside bigger files (tar
-members, dataset rows) are yielded as references (precompute.video_refs), so no item holds a video's bytes;
-their content hash (their identity) is computed from one read of this rank's videos only.
+members, dataset rows) are read once, for their content hash (their identity) and for planning's probe, and
+yielded with a reference (precompute.video_refs) that the plan keeps instead of the bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -49,6 +50,14 @@ class VideoItem:
     """What PyAV opens: a path, or a reference to a tar member or dataset row (read when opened)."""
     problem: str | None = None
     """Why the video cannot be used at all (a broken link), and how to fix it; the run lists it as skipped."""
+    data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The encoded bytes behind a reference, read once for the content hash; planning probes them and drops them
+    with the item, and the plan keeps only `video`. None for paths."""
+
+    @property
+    def probe_source(self) -> VideoSource:
+        """What planning probes: the bytes already read, else `video`."""
+        return self.video if self.data is None else self.data
 
 
 def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterator[VideoItem]:
@@ -60,12 +69,11 @@ def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterat
         "hf_dataset": _hf_items,
         "webdataset": _webdataset_items,
     }
-    count = 0
+    index = -1
     for index, make_item in enumerate(readers[dataset.source_kind](dataset)):
-        count += 1
         if index % world == rank:
             yield make_item()
-    if count == 0:
+    if index < 0:
         raise UserError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
 
 
@@ -174,19 +182,20 @@ def _hf_items(dataset: DatasetConfig) -> _Lazy:
         if isinstance(value, dict) and value.get("bytes"):
             name = value.get("path") or f"{dataset.name}[{row}]"
             video = DatasetRow(dataset.hf_dataset, dataset.hf_split, dataset.video_column, row)
-            identity = bytes_identity(value["bytes"], name)  # the row's bytes are dropped once hashed
+            data = value["bytes"]
         else:
+            data = None
             name = value.get("path") if isinstance(value, dict) else value
             if not isinstance(name, str) or not name:
                 raise UserError(f"{where}: column {dataset.video_column!r} holds no video path or bytes")
             video = _resolve(name, str(local) if local.exists() else None)
-            identity = _identity_of_path(video, where)
         caption, error = captions[row][dataset.caption_column], None
         if not isinstance(caption, str):
             caption, error = None, f"{where} has no caption in column {dataset.caption_column!r}; fill it in"
         else:
             caption = caption.strip()
-        return VideoItem(dataset.name, name, identity, caption, error, video)
+        identity = _identity_of_path(video, where) if data is None else bytes_identity(data, name)
+        return VideoItem(dataset.name, name, identity, caption, error, video, data=data)
 
     for row in range(len(loaded)):
         yield lambda row=row: item(row)
@@ -208,14 +217,16 @@ def _webdataset_item(dataset: DatasetConfig, shard: str, key: str, members: dict
             "set video_extension to the member holding the video"
         )
     caption, error = None, None
-    if dataset.caption_key not in members:
-        error = f"sample {name} has no .{dataset.caption_key} member; add it or set caption_key"
-    else:
-        try:
-            caption = members[dataset.caption_key].read().decode("utf-8").strip()
-        except UnicodeDecodeError as decode_error:
-            error = f"caption member {name}.{dataset.caption_key} is not UTF-8 ({decode_error})"
-    return VideoItem(dataset.name, name, bytes_identity(video.read(), name), caption, error, video)
+    with fsspec.open(shard, "rb") as stream:  # one open per sample: its caption and video
+        if dataset.caption_key not in members:
+            error = f"sample {name} has no .{dataset.caption_key} member; add it or set caption_key"
+        else:
+            try:
+                caption = members[dataset.caption_key].read_from(stream).decode("utf-8").strip()
+            except UnicodeDecodeError as decode_error:
+                error = f"caption member {name}.{dataset.caption_key} is not UTF-8 ({decode_error})"
+        data = video.read_from(stream)
+    return VideoItem(dataset.name, name, bytes_identity(data, name), caption, error, video, data=data)
 
 
 def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, ShardMember]]]:

@@ -29,8 +29,12 @@ class ShardMember:
         import fsspec
 
         with fsspec.open(self.url, "rb") as shard:
-            shard.seek(self.offset)
-            data = shard.read(self.size)
+            return self.read_from(shard)
+
+    def read_from(self, shard) -> bytes:
+        """The member's bytes from `shard`, an open binary file of the shard."""
+        shard.seek(self.offset)
+        data = shard.read(self.size)
         if len(data) != self.size:
             raise UserError(f"{self.url}: member {self.name} is truncated ({len(data)} of {self.size} bytes)")
         return data

@@ -331,6 +331,20 @@ def test_an_edited_config_replaces_its_old_plan(tmp_path, tiny_models):
     assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 1
 
 
+def test_one_config_precomputed_with_two_models_keeps_both_plans(tmp_path, tiny_models):
+    from crepa.families import get_family
+    from crepa.tiny_models import save_tiny_pipeline
+
+    dataset = write_dataset(tmp_path, clips=3)
+    out = str(tmp_path / "cache")
+    other = {**tiny_models, "wan": save_tiny_pipeline(get_family("wan"), str(tmp_path / "wan_b"), seed=1)}
+    for models in (tiny_models, other):
+        run_precompute(config_for(dataset, out, models, skip_teacher=True))
+    plans = CacheStore.open(out).plans().values()
+    assert len({plan["latents_set"] for plan in plans}) == 2
+    assert [len(plan["clips"]) for plan in plans] == [3, 3]
+
+
 def test_webdataset_input_is_read_by_the_decode_workers(tmp_path, tiny_models):
     import webdataset as wds
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 import webdataset
+from fsspec import open as open_file
 
 from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import read_video
@@ -150,6 +151,19 @@ def test_planned_byte_source_clips_hold_references_not_videos(tmp_path):
     for clip in clips:
         assert not isinstance(clip.video, bytes) and len(pickle.dumps(clip)) < 1024
         assert probe_video(clip.video).num_frames == 9
+
+
+def test_planning_opens_each_shard_member_once(tmp_path, monkeypatch):
+    import fsspec
+
+    from precompute.plan import plan_clips
+
+    write_shards(tmp_path, 6)  # 3 samples in each of two shards
+    opened = []
+    monkeypatch.setattr(fsspec, "open", lambda url, *args, **kw: opened.append(url) or open_file(url, *args, **kw))
+    clips, skipped = plan_clips([load_one(tmp_path, 'webdataset = "shard-000.tar"')], {}, 8)
+    assert len(clips) == 3 and not skipped
+    assert len(opened) == 1 + 3  # the headers, then each sample once (its caption and video in one read)
 
 
 @pytest.mark.parametrize("source", ["webdataset", "hf_dataset"])

@@ -70,19 +70,20 @@ def plan_clips(datasets: list[DatasetConfig], text_identity: dict, text_max_leng
                world: int = 1) -> tuple[list[PlannedClip], list[Skipped]]:
     """The clips of this rank's videos, in a deterministic order, plus what cannot be used and why.
 
-    Only this rank's videos are probed; the ranks' plans together hold every clip. Each dataset's videos are dealt
-    out starting at a different rank, so many one-video datasets still spread over the ranks.
+    Only this rank's videos are probed; the ranks' plans together hold every clip. A video is dealt to a rank by
+    its location (see `sources.iter_videos`), so every listing of one video lands on the same rank.
 
     A clip key met twice (a video listed twice in a manifest, a folder named by two tables) is planned once: the
-    first occurrence wins and the later ones are listed as skipped, so no key is written twice by this rank.
+    first occurrence wins and the later ones are listed as skipped, so no key is written twice, by any rank.
     """
     clips: list[PlannedClip] = []
     skipped: list[Skipped] = []
     owners: dict[str, str] = {}  # clip key -> "<dataset>/<source>" of its first occurrence, which wins
-    for number, dataset in enumerate(datasets):
+    dealt: dict[str, int] = {}  # video location -> the rank that plans it, over every dataset
+    for dataset in datasets:
         # map drops each item (and the video bytes it may hold) before the next is read
         plan_video = partial(_plan_video, dataset=dataset, text_identity=text_identity, text_max_length=text_max_length)
-        for source, planned in map(plan_video, iter_videos(dataset, (rank - number) % world, world)):
+        for source, planned in map(plan_video, iter_videos(dataset, rank, world, dealt)):
             if isinstance(planned, str):
                 skipped.append(Skipped(source, planned))
                 continue

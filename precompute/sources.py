@@ -4,7 +4,7 @@ A missing caption does not stop iteration: it is reported on the item so the run
 it. A source that cannot be read at all (bad JSON line, missing column, missing file) raises, naming the line,
 row or member and the fix, before any model is loaded.
 
-Ranks share the videos by position (`index % world == rank`), and each source lists its videos cheaply before
+Ranks share the videos in turn by location (see `iter_videos`), and each source lists its videos cheaply before
 anything costly is done: only this rank's videos are stat'ed, hashed or read. Videos inside bigger files (tar
 members, dataset rows) are read once, for their content hash (their identity) and for planning's probe, and
 yielded with a reference (precompute.video_refs) that the plan keeps instead of the bytes.
@@ -60,25 +60,32 @@ class VideoItem:
         return self.video if self.data is None else self.data
 
 
-def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1) -> Iterator[VideoItem]:
-    """This rank's videos of `dataset` (every `world`-th from `rank`) in a deterministic order (sorted paths, file
-    or row order)."""
+def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1,
+                dealt: dict[str, int] | None = None) -> Iterator[VideoItem]:
+    """This rank's videos of `dataset` in a deterministic order (sorted paths, file or row order).
+
+    Videos are dealt to ranks in turn by location (an absolute path, URL, shard member or dataset row); `dealt`
+    remembers each location's rank, across the datasets of a run when the caller shares it, so every listing of
+    one video (a repeated manifest line, one folder in two dataset tables) lands on the rank that keeps it once.
+    """
+    dealt = {} if dealt is None else dealt
     readers = {
         "video_directory": _directory_items,
         "video_jsonl_file": _jsonl_items,
         "hf_dataset": _hf_items,
         "webdataset": _webdataset_items,
     }
-    index = -1
-    for index, make_item in enumerate(readers[dataset.source_kind](dataset)):
-        if index % world == rank:
+    listed = False
+    for location, make_item in readers[dataset.source_kind](dataset):
+        listed = True
+        if dealt.setdefault(location, len(dealt) % world) == rank:
             yield make_item()
-    if index < 0:
+    if not listed:
         raise UserError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
 
 
-_Lazy = Iterator[Callable[[], VideoItem]]
-"""A source lists its videos as functions that build the item: only the rank's own are called."""
+_Lazy = Iterator[tuple[str, Callable[[], VideoItem]]]
+"""A source lists its videos as (location, function that builds the item): only the rank's own are built."""
 
 
 def _caption_file(video: Path, extension: str) -> tuple[str | None, str | None]:
@@ -110,7 +117,7 @@ def _directory_items(dataset: DatasetConfig) -> _Lazy:
         return VideoItem(dataset.name, name, file_identity(str(path)), caption, error, str(path))
 
     for path in videos:
-        yield lambda path=path: item(path)
+        yield os.path.abspath(path), lambda path=path: item(path)
 
 
 def _is_broken_link(path: Path) -> bool:
@@ -143,7 +150,9 @@ def _jsonl_items(dataset: DatasetConfig) -> _Lazy:
                 raise UserError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
             if not isinstance(record, dict) or not isinstance(record.get("video_path"), str):
                 raise UserError(f'{where} has no "video_path" string; each line needs {{"video_path", "caption"}}')
-            yield lambda record=record, where=where: item(record, where)
+            location = _resolve(record["video_path"], folder)
+            yield (location if "://" in location else os.path.abspath(location),
+                   lambda record=record, where=where: item(record, where))
 
 
 def _resolve(path: str, folder: str | None) -> str:
@@ -198,13 +207,14 @@ def _hf_items(dataset: DatasetConfig) -> _Lazy:
         return VideoItem(dataset.name, name, identity, caption, error, video, data=data)
 
     for row in range(len(loaded)):
-        yield lambda row=row: item(row)
+        yield f"{dataset.hf_dataset}:{dataset.hf_split}:{row}", lambda row=row: item(row)
 
 
 def _webdataset_items(dataset: DatasetConfig) -> _Lazy:
     for shard in dataset.webdataset:
         for key, members in _shard_samples(shard):
-            yield lambda key=key, members=members, shard=shard: _webdataset_item(dataset, shard, key, members)
+            yield f"{shard}#{key}", lambda key=key, members=members, shard=shard: _webdataset_item(dataset, shard, key,
+                                                                                                  members)
 
 
 def _webdataset_item(dataset: DatasetConfig, shard: str, key: str, members: dict[str, ShardMember]) -> VideoItem:

@@ -109,6 +109,25 @@ def test_duplicates_are_skipped_and_every_key_is_committed_once(tmp_path, tiny_m
     assert len(CacheView(CacheStore.open(out), "wan").clips) == 2
 
 
+def test_ranks_plan_each_duplicated_video_once_between_them(tmp_path):
+    """Every listing of one video goes to one rank, which keeps it once: no key is committed by two ranks."""
+    from precompute.plan import plan_clips
+
+    dataset = write_dataset(tmp_path, clips=3)
+    (tmp_path / "list.jsonl").write_text(
+        '{"video_path": "clips/clip_01.mp4", "caption": "one"}\n' * 2
+        + '{"video_path": "clips/clip_00.mp4", "caption": "zero"}\n'
+    )
+    with open(dataset, "a") as toml:
+        toml.write('\n[[datasets]]\nname = "again"\nvideo_directory = "clips"\n'
+                   '\n[[datasets]]\nname = "listed"\nvideo_jsonl_file = "list.jsonl"\n')
+    tables = load_dataset_config(dataset, 4).datasets
+    keys = [clip.key for rank in range(2) for clip in plan_clips(tables, {}, 8, rank=rank, world=2)[0]]
+    assert len(keys) == len(set(keys)) == 3
+    shares = [len(plan_clips(tables, {}, 8, rank=rank, world=2)[0]) for rank in range(2)]
+    assert sorted(shares) == [1, 2], "videos are still dealt out evenly"
+
+
 def test_empty_captions_and_dangling_links_are_listed_as_skipped(tmp_path, tiny_models):
     dataset = write_dataset(tmp_path, clips=3)
     (tmp_path / "clips" / "clip_02.txt").write_text("  \n\t\n")

@@ -7,6 +7,7 @@ so a changed model or setting is never served stale. The description is what the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from crepa.cache.store import CacheStore, FeatureSet
@@ -73,10 +74,14 @@ def open_feature_sets(
     max_length: int,
     encoder_config: dict | None,
 ) -> RunFeatureSets:
-    """Create (or find) the run's feature sets, with attributes that describe their arrays."""
+    """Create (or find) the run's feature sets, with attributes that describe their arrays.
+
+    A dry run creates none: sets the cache lacks are planned against empty stand-ins.
+    """
     temporal, spatial = adapter.vae_compression(vae_config)
+    feature_set = functools.partial(store.feature_set, missing_ok=config.dry_run)
     latents_id = latents_identity(adapter, config, dtypes["vae"])
-    latents = store.feature_set("latents", latents_id, {
+    latents = feature_set("latents", latents_id, {
         "family": adapter.name,
         "vae": config.vae or config.model,
         "arrays": {"latents": "(C, f, h, w) normalised latents"},
@@ -86,7 +91,7 @@ def open_feature_sets(
         "normalisation": "(z - latents_mean) / latents_std, as the diffusers pipeline",
         "dtype": config.latents_dtype,
     })
-    text = store.feature_set("text", text_identity(adapter, config, dtypes["text_encoder"], max_length), {
+    text = feature_set("text", text_identity(adapter, config, dtypes["text_encoder"], max_length), {
         "family": adapter.name,
         "text_encoder": config.text_encoder or config.model,
         "arrays": {"embeds": "(L, D) last hidden state without padding"},
@@ -96,7 +101,7 @@ def open_feature_sets(
     teacher = None
     if not config.skip_teacher:
         settings = config.teacher
-        teacher = store.feature_set("teacher", teacher_identity(config, dtypes["encoder"], latents_id, temporal), {
+        teacher = feature_set("teacher", teacher_identity(config, dtypes["encoder"], latents_id, temporal), {
             "family": adapter.name,
             "encoder": settings.encoder,
             "encoder_path": resolve_encoder(settings.encoder),

@@ -14,7 +14,7 @@ from crepa.errors import UserError
 def open_output(out: str, dry_run: bool = False) -> CacheStore:
     """The cache at `out`, created when `out` is missing or empty; anything else there is left untouched.
 
-    A dry run for a cache that does not exist yet plans in an in-memory store and creates nothing.
+    A dry run creates nothing: it reads an existing cache, and plans a new one in an in-memory store.
     """
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
@@ -25,8 +25,9 @@ def open_output(out: str, dry_run: bool = False) -> CacheStore:
         if fs.ls(root, detail=False):
             raise UserError(f"--out {out} is not empty and is not a crepa cache",
                             fix="point --out at a new or empty folder, or at a cache made by `crepa precompute`")
-    if dry_run and not exists:
-        return CacheStore.open(f"memory://crepa-dry-run/{uuid.uuid4().hex}", mode="a")
+    if dry_run:  # read only: planning changes nothing, in an existing cache or a new one
+        return CacheStore.open(out if exists else f"memory://crepa-dry-run/{uuid.uuid4().hex}",
+                               mode="r" if exists else "a")
     try:
         return CacheStore.open(out, mode="a")
     except PermissionError as error:

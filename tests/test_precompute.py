@@ -138,6 +138,10 @@ def test_second_encoder_computes_only_the_new_teacher_set(tmp_path, dataset, tin
     again = run_precompute(config_for(dataset, out, tiny_models))
     assert again.computed == {"latents": 0, "teacher": 0, "text": 0}
     other = TeacherSettings(encoder=tiny_models["dinov2_reg"], image_size=56)
+    files = {path: path.stat().st_mtime_ns for path in Path(out).rglob("*")}
+    planned = run_precompute(config_for(dataset, out, tiny_models, teacher=other, dry_run=True))
+    assert planned.computed == {"latents": 0, "teacher": 3, "text": 0}
+    assert {path: path.stat().st_mtime_ns for path in Path(out).rglob("*")} == files, "a dry run changes nothing"
     second = run_precompute(config_for(dataset, out, tiny_models, teacher=other))
     assert second.computed == {"latents": 0, "teacher": 3, "text": 0}
     store = CacheStore.open(out)

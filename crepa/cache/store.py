@@ -243,8 +243,12 @@ class CacheStore:
 
     # ---- feature sets
 
-    def feature_set(self, kind: str, identity: dict, description: dict) -> FeatureSet:
-        """The feature set of this identity: created with its attributes in mode "a", else it must exist."""
+    def feature_set(self, kind: str, identity: dict, description: dict, missing_ok: bool = False) -> FeatureSet:
+        """The feature set of this identity: created with its attributes in mode "a", else it must exist.
+
+        With `missing_ok` a read-only store answers for a set it does not hold with an empty one that is not
+        written anywhere (what a dry run plans against).
+        """
         _check_kind(kind)
         clash = {"kind", "identity"} & description.keys()
         if clash:
@@ -254,13 +258,15 @@ class CacheStore:
         try:
             group = zarr.open_group(self._zstore, path=fset.path, mode="r")
         except FileNotFoundError:
+            attrs = _jsonable({"kind": kind, "identity": identity, **description}, f"description of {fset.path}")
+            if self.mode == "r" and missing_ok:
+                return FeatureSet(kind, fset.fingerprint, attrs)
             if self.mode == "r":
                 known = [f.fingerprint for f in self.feature_sets(kind)]
                 raise LookupError(
                     f"cache {self.url} has no {kind} feature set for identity {identity} (fingerprint "
                     f"{fset.fingerprint}; present: {known or 'none'}); run `crepa precompute` with these settings"
                 ) from None
-            attrs = _jsonable({"kind": kind, "identity": identity, **description}, f"description of {fset.path}")
             try:
                 group = self._group.create_group(fset.path, attributes=attrs)
             except ContainsGroupError:  # another process created it first

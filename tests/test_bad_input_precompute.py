@@ -81,8 +81,10 @@ def test_segments_per_video_are_bounded_by_its_frames(tmp_path, extra):
     assert len({segment.frame_indices for segment in plan.segments}) == len(plan.segments)
 
 
-def test_duplicates_are_skipped_and_every_key_is_committed_once(tmp_path, tiny_models):
-    dataset = write_dataset(tmp_path, clips=2)
+def write_duplicated_listings(tmp_path: Path, clips: int) -> str:
+    """A dataset config whose folder is named again by a second table and whose clips 0 and 1 (clip 1 twice) are
+    listed by a JSONL manifest in a third."""
+    dataset = write_dataset(tmp_path, clips=clips)
     (tmp_path / "list.jsonl").write_text(
         '{"video_path": "clips/clip_01.mp4", "caption": "one"}\n' * 2
         + '{"video_path": "clips/clip_00.mp4", "caption": "zero"}\n'
@@ -90,6 +92,11 @@ def test_duplicates_are_skipped_and_every_key_is_committed_once(tmp_path, tiny_m
     with open(dataset, "a") as toml:
         toml.write('\n[[datasets]]\nname = "again"\nvideo_directory = "clips"\n'
                    '\n[[datasets]]\nname = "listed"\nvideo_jsonl_file = "list.jsonl"\n')
+    return dataset
+
+
+def test_duplicates_are_skipped_and_every_key_is_committed_once(tmp_path, tiny_models):
+    dataset = write_duplicated_listings(tmp_path, clips=2)
     out = str(tmp_path / "cache")
     summary = run_precompute(config_for(dataset, out, tiny_models, segment_clips=1))
     reasons = sorted((s.source, s.reason) for s in summary.skipped)
@@ -113,14 +120,7 @@ def test_ranks_plan_each_duplicated_video_once_between_them(tmp_path):
     """Every listing of one video goes to one rank, which keeps it once: no key is committed by two ranks."""
     from precompute.plan import plan_clips
 
-    dataset = write_dataset(tmp_path, clips=3)
-    (tmp_path / "list.jsonl").write_text(
-        '{"video_path": "clips/clip_01.mp4", "caption": "one"}\n' * 2
-        + '{"video_path": "clips/clip_00.mp4", "caption": "zero"}\n'
-    )
-    with open(dataset, "a") as toml:
-        toml.write('\n[[datasets]]\nname = "again"\nvideo_directory = "clips"\n'
-                   '\n[[datasets]]\nname = "listed"\nvideo_jsonl_file = "list.jsonl"\n')
+    dataset = write_duplicated_listings(tmp_path, clips=3)
     tables = load_dataset_config(dataset, 4).datasets
     keys = [clip.key for rank in range(2) for clip in plan_clips(tables, {}, 8, rank=rank, world=2)[0]]
     assert len(keys) == len(set(keys)) == 3

@@ -332,7 +332,7 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
                 bar.set_postfix(skipped=len(skipped))
                 continue
             arrays = _encode_clip(adapter, config, device, models, clip, result.frames, todo, timers)
-            meta = {"source": clip.source, "caption": clip.caption, "text_key": clip.text_key}
+            meta = {"source": clip.source, "caption": clip.caption, "text_key": clip.text_key, "fps": clip.fps}
             for kind, entry in arrays.items():
                 out.add(kind, clip.key, clip.group, entry, meta)
                 computed[kind] += 1

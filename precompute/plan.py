@@ -30,6 +30,8 @@ class PlannedClip:
     height: int
     width: int
     frame_indices: tuple[int, ...]
+    fps: float
+    """Frame rate of the sampled frames: the dataset's source_fps when it resamples, else the video's."""
     crop: str
     num_repeats: int
 
@@ -135,5 +137,6 @@ def _clip(item: VideoItem, dataset: DatasetConfig, segment: Segment, width: int,
         dataset=dataset.name, source=item.name, video=item.video, caption=item.caption,
         text_key=text_key(item.caption, text_identity, text_max_length),
         frames=segment.num_frames, height=height, width=width,
-        frame_indices=tuple(segment.frame_indices), crop=dataset.crop, num_repeats=dataset.num_repeats,
+        frame_indices=tuple(segment.frame_indices), fps=segment.fps, crop=dataset.crop,
+        num_repeats=dataset.num_repeats,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -365,3 +366,22 @@ def test_webdataset_input_is_read_by_the_decode_workers(tmp_path, tiny_models):
     summary = run_precompute(config_for(str(config), out, tiny_models, skip_teacher=True, decode_workers=1))
     assert summary.computed == {"latents": 2, "teacher": 0, "text": 2} and not summary.skipped
     assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 2
+
+
+@pytest.mark.parametrize("source_fps, expected", [(None, 16.0), (8, 8.0)], ids=["source", "resampled"])
+def test_each_clip_records_the_frame_rate_of_its_frames(tmp_path, tiny_models, source_fps, expected):
+    import webdataset as wds
+
+    from crepa.cache.export import export_view
+
+    extra = f"source_fps = {source_fps}" if source_fps else ""
+    out = str(tmp_path / "cache")
+    run_precompute(config_for(write_dataset(tmp_path, clips=2, config_extra=extra), out, tiny_models))
+    # the manifest is plain JSON: every latents entry's meta carries the rate the clip's frames were sampled at
+    manifests = list((tmp_path / "cache" / "manifest" / "latents").glob("*/*.json"))
+    entries = [entry for path in manifests for entry in json.loads(path.read_text())["entries"].values()]
+    assert len(entries) == 2 and [entry["meta"]["fps"] for entry in entries] == [expected] * 2
+    view = CacheView(CacheStore.open(out), "wan")
+    assert [view.load(clip)["fps"] for clip in view.clips] == [expected] * 2
+    shards = export_view(out, str(tmp_path / "shards"), family="wan")
+    assert [sample["json"]["fps"] for sample in wds.WebDataset(shards, shardshuffle=False).decode()] == [expected] * 2

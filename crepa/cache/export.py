@@ -16,7 +16,7 @@ def view_samples(view: CacheView) -> Iterator[dict]:
         arrays = view.load(clip)
         sample = {"__key__": clip.key, "latents.npy": arrays["latents"], "text.npy": arrays["text"],
                   "json": {"key": clip.key, "caption": clip.caption, "group": clip.group, "source": clip.source,
-                           "num_repeats": clip.num_repeats, "text_key": clip.text_key, **meta}}
+                           "num_repeats": clip.num_repeats, "text_key": clip.text_key, "fps": arrays["fps"], **meta}}
         if view.teacher is not None:
             sample["teacher.npy"] = arrays["teacher"]
         yield sample

@@ -114,7 +114,10 @@ class CacheView:
                          "choose one with --crepa-encoder NAME or FINGERPRINT")
 
     def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:
-        """{'key', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}.
+        """{'key', 'fps', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}.
+
+        `fps` is the frame rate of the clip's sampled frames, from its latents entry; None where the entry was written
+        without one (caches from before clips recorded it).
 
         Damaged stored bytes stop the caller with one line naming the clip, the array and the fix: training on
         without the clip would silently change what the run learns from.
@@ -122,6 +125,7 @@ class CacheView:
         try:
             sample: dict[str, np.ndarray | str] = {
                 "key": clip.key,
+                "fps": self.store.entry(self.latents, clip.key).get("fps"),
                 "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
                 "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
             }

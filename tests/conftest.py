@@ -12,14 +12,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """A Wan pipeline folder and two DINOv2 encoders (plain and with registers), saved with save_pretrained."""
+def tiny_pipelines(tmp_path_factory):
+    """family -> the folder of its tiny pipeline, built once a session on first use."""
     from crepa.families import get_family
-    from crepa.tiny_models import save_tiny_dinov2, save_tiny_pipeline
+    from crepa.tiny_models import save_tiny_pipeline
+
+    folders: dict[str, str] = {}
+
+    def folder(family: str) -> str:
+        if family not in folders:
+            folders[family] = save_tiny_pipeline(get_family(family), str(tmp_path_factory.mktemp(f"{family}_pipeline")))
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_pipelines) -> dict[str, str]:
+    """The Wan pipeline folder and two DINOv2 encoders (plain and with registers), saved with save_pretrained."""
+    from crepa.tiny_models import save_tiny_dinov2
 
     root = tmp_path_factory.mktemp("models")
     return {
-        "wan": save_tiny_pipeline(get_family("wan"), str(root / "wan")),
+        "wan": tiny_pipelines("wan"),
         "dinov2": save_tiny_dinov2(str(root / "dinov2")),
         "dinov2_reg": save_tiny_dinov2(str(root / "dinov2_reg"), registers=4, seed=1),
     }

@@ -1,0 +1,247 @@
+"""Every registered family adapter against its own diffusers pipeline: the same checks for each family.
+
+The reference is always what users run: the family's pipeline class loaded from a tiny pipeline folder, its
+`encode_prompt`, the latent un-normalisation its `__call__` applies before `vae.decode`, and its
+`load_lora_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import write_dataset
+
+from crepa.cache.store import CacheStore
+from crepa.cache.view import CacheView
+from crepa.capture import BlockCapture
+from crepa.families import SUPPORTED_FAMILIES, get_family
+from precompute.config import PrecomputeConfig, TeacherSettings
+from precompute.pipeline import run_precompute
+from train.config import TrainConfig
+from train.data import collate, to_tensors
+from train.lora import lora_layers
+from train.trainer import run_train
+
+
+@pytest.fixture(scope="session", params=SUPPORTED_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def pipeline_folder(family, tiny_pipelines) -> str:
+    return tiny_pipelines(family)
+
+
+@pytest.fixture(scope="session")
+def one_clip_cache(family, pipeline_folder, tiny_models, tmp_path_factory) -> str:
+    """A finished cache of one clip for `family`, text stored in float32 to compare with the pipeline's."""
+    root = tmp_path_factory.mktemp(f"{family}_cache")
+    out = str(root / "cache")
+    run_precompute(PrecomputeConfig(dataset_config=write_dataset(root, clips=1), family=family, out=out,
+                                    model=pipeline_folder, device="cpu", decode_workers=0, text_dtype="float32",
+                                    teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cached_sample(family, one_clip_cache) -> tuple[dict, str, int]:
+    """(the view's sample of the cached clip, its caption, the cached text length)."""
+    view = CacheView(CacheStore.open(one_clip_cache), family)
+    (clip,) = view.clips
+    return view.load(clip), clip.caption, view.text.attrs["max_length"]
+
+
+def load_pipeline(family: str, folder: str):
+    import diffusers
+
+    return getattr(diffusers, get_family(family).pipeline_class_name).from_pretrained(folder)
+
+
+def forward_inputs(family: str, sample: dict, text_length: int, seed: int = 3) -> dict:
+    """The adapter's transformer kwargs for noise shaped like the cached clip, with its cached text."""
+    batch = collate([to_tensors(sample)], text_length)
+    generator = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(batch["latents"].shape, generator=generator)
+    return get_family(family).transformer_kwargs(noisy, torch.tensor([400.0]), batch["text"], batch["text_mask"])
+
+
+def block_input(transformer: torch.nn.Module, block: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The hidden states `block` receives in a forward on `inputs` (blocks take them first, or as `hidden_states`)."""
+    seen = []
+    hook = block.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            transformer(**inputs)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def train_config(family: str, cache: str, model: str, out: str, **kw) -> TrainConfig:
+    options = dict(cache=cache, family=family, model=model, output_dir=out, crepa_block_index=1,
+                   learning_rate=1e-2, crepa_lambda=1.0, max_train_steps=2, checkpointing_steps=100,
+                   dataloader_num_workers=0, report_to="none", lora_rank=4)
+    return TrainConfig(**(options | kw))
+
+
+@pytest.fixture(scope="session")
+def two_step_run(family, one_clip_cache, pipeline_folder, tmp_path_factory) -> str:
+    """Output folder of two CREPA training steps with the ComfyUI export on."""
+    out = str(tmp_path_factory.mktemp(f"{family}_run") / "run")
+    run_train(train_config(family, one_clip_cache, pipeline_folder, out, comfyui_export=True, lora_alpha=8.0))
+    return out
+
+
+def test_block_tokens_fill_the_token_grid_in_raster_order(family, pipeline_folder, cached_sample):
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    transformer = load_pipeline(family, pipeline_folder).transformer.eval()
+    inputs = forward_inputs(family, sample, text_length)
+    latent_shape = (1, *sample["latents"].shape)
+    grid = adapter.token_grid(transformer, latent_shape)
+    assert all(0 < cells <= size for cells, size in zip(grid, latent_shape[2:], strict=True))
+
+    raw = []
+    block = adapter.blocks(transformer)[1]
+    hook = block.register_forward_hook(lambda module, args, output: raw.append(adapter.block_tokens(output)))
+    try:
+        with torch.no_grad(), BlockCapture(adapter, transformer, block_index=1) as capture:
+            transformer(**inputs)
+            student = capture.student(latent_shape)
+    finally:
+        hook.remove()
+    assert raw[0].shape[:2] == (1, grid[0] * grid[1] * grid[2])
+    assert student.shape == (1, *grid, adapter.hidden_dim(transformer))
+    torch.testing.assert_close(student.flatten(1, 3), raw[0], rtol=0, atol=0)  # token (t, h, w) is t*hs*ws + h*ws + w
+
+
+def test_a_planted_latent_lands_at_its_place_in_the_token_grid(family, pipeline_folder, cached_sample):
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    transformer = load_pipeline(family, pipeline_folder).transformer.eval()
+    inputs = forward_inputs(family, sample, text_length)
+    latents = inputs["hidden_states"]
+    latent_shape = (1, *sample["latents"].shape)
+    grid = adapter.token_grid(transformer, latent_shape)
+    block = adapter.blocks(transformer)[0]
+    base = adapter.tokens_to_grid(block_input(transformer, block, inputs), grid)
+    _, _, frames, height, width = latent_shape
+    # corners that differ along t, h and w: a swapped axis or a transposed reshape moves the change elsewhere
+    for t, h, w in [(frames - 1, 0, 0), (0, height - 1, 0), (0, 0, width - 1), (frames - 1, height - 1, 0)]:
+        planted = latents.clone()
+        planted[:, :, t, h, w] += 10.0
+        tokens = adapter.tokens_to_grid(block_input(transformer, block, inputs | {"hidden_states": planted}), grid)
+        changed = (tokens - base).abs().amax(dim=(0, 4)).gt(1e-6).nonzero().tolist()
+        assert changed == [[t * grid[0] // frames, h * grid[1] // height, w * grid[2] // width]], (t, h, w)
+
+
+def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeline_folder, cached_sample):
+    adapter = get_family(family)
+    sample, caption, _ = cached_sample
+    pipe = load_pipeline(family, pipeline_folder)
+    torch.manual_seed(0)
+    _, frames, height, width = sample["latents"].shape
+    pixel_frames = 1 + (frames - 1) * adapter.vae_compression(pipe.vae.config)[0]
+    spatial = adapter.vae_compression(pipe.vae.config)[1]
+    pixels = torch.rand(1, 3, pixel_frames, height * spatial, width * spatial) * 2 - 1
+    with torch.no_grad():
+        latents = adapter.encode_video(pipe.vae, pixels)  # as precompute caches them
+        ours = adapter.decode_latents(pipe.vae, latents)
+        raw = pipe.vae.encode(pixels).latent_dist.mode()
+
+    # the pipeline's own __call__ on those latents, with a transformer that predicts zero velocity so its sampler
+    # leaves them as they are; vae.decode, called through, records what the pipeline hands it and gets back
+    decoded = []
+    decode = pipe.vae.decode
+
+    def recording_decode(z, *args, **kwargs):
+        output = decode(z, *args, **kwargs)
+        decoded.append((z, output[0] if isinstance(output, tuple) else output.sample))
+        return output
+
+    pipe.vae.decode = recording_decode
+    zero = pipe.transformer.register_forward_hook(
+        lambda module, args, output: torch.utils._pytree.tree_map(torch.zeros_like, output))
+    try:
+        with torch.no_grad():
+            pipe(prompt=caption, latents=latents.clone(), num_frames=pixel_frames, height=pixels.shape[-2],
+                 width=pixels.shape[-1], num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    finally:
+        zero.remove()
+    ((unnormalised, pixels_out),) = decoded
+    torch.testing.assert_close(unnormalised, raw, rtol=0, atol=1e-5)  # the pipeline undoes encode_video's scaling
+    torch.testing.assert_close(ours, pixels_out, rtol=0, atol=1e-5)
+
+
+def test_cached_text_is_the_pipelines_prompt_encoding(family, pipeline_folder, cached_sample):
+    sample, caption, text_length = cached_sample
+    pipe = load_pipeline(family, pipeline_folder)
+    with torch.no_grad():
+        expected = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_length)[0]
+    cached = torch.from_numpy(sample["text"]).float()
+    torch.testing.assert_close(cached, expected[0, : len(cached)], rtol=0, atol=1e-5)
+    # what training feeds the transformer, padding included, is what the pipeline feeds it
+    torch.testing.assert_close(collate([to_tensors(sample)], text_length)["text"], expected, rtol=0, atol=1e-5)
+
+
+def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, pipeline_folder, cached_sample,
+                                                                      two_step_run):
+    from safetensors.torch import load_file
+
+    from train.lora import add_lora
+
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    trained = load_pipeline(family, pipeline_folder).transformer.eval()
+    add_lora(trained, 4, 8.0, 0.0, list(adapter.default_lora_targets))
+    trained.load_state_dict(load_file(os.path.join(two_step_run, "checkpoint-2", "trainable.safetensors")),
+                            strict=False)
+    ours = lora_layers(trained)
+    inputs = forward_inputs(family, sample, text_length)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        base = load_pipeline(family, pipeline_folder).transformer.eval()(**inputs)[0]
+        assert not torch.allclose(base, expected, atol=1e-4), "the LoRA should change the outputs"
+        for weights in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
+            pipe = load_pipeline(family, pipeline_folder)
+            pipe.load_lora_weights(two_step_run, weight_name=weights)
+            loaded = lora_layers(pipe.transformer)
+            assert sorted(loaded) == sorted(ours), weights
+            for name, layer in ours.items():  # every layer arrived with its weight change (a loader may fold alpha)
+                (adapter_name,) = loaded[name].lora_A.keys()
+                torch.testing.assert_close(loaded[name].get_delta_weight(adapter_name),
+                                           layer.get_delta_weight("default"), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(pipe.transformer.eval()(**inputs)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_crepa_step_trains_the_lora_and_the_projector(two_step_run):
+    state = torch.load(os.path.join(two_step_run, "checkpoint-2", "optimizer.pt"), weights_only=False)["optimizer"]
+    lora, projector = state["param_groups"]
+    for group, what in ((lora, "LoRA"), (projector, "projector")):
+        # Adam keeps state only for parameters that had a gradient; step 2 reaches lora_A too (lora_B starts at 0)
+        missing = [i for i in group["params"] if i not in state["state"] or not state["state"][i]["exp_avg"].any()]
+        assert not missing, f"{len(missing)} of {len(group['params'])} {what} tensors had no gradient"
+    rows = [json.loads(line) for line in open(os.path.join(two_step_run, "metrics.jsonl"))]
+    assert all(row["crepa_loss"] != 0 for row in rows)
+
+
+def test_overfitting_one_clip_lowers_the_loss_and_raises_alignment(family, one_clip_cache, pipeline_folder, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(train_config(family, one_clip_cache, pipeline_folder, out, max_train_steps=40, lora_rank=8,
+                           timestep_sampling="uniform", crepa_projector_lr=1e-2))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    first, last = rows[:8], rows[-8:]
+
+    def mean(rows, name):
+        return sum(r[name] for r in rows) / len(rows)
+
+    assert mean(last, "loss") < mean(first, "loss")
+    assert mean(last, "crepa_alignment_score") > mean(first, "crepa_alignment_score") + 0.1
+    assert os.path.exists(os.path.join(out, "training_curves.png"))
+    for name in ("crepa_loss", "crepa_similarity_self", "crepa_weight", "lr", "grad_norm", "samples_per_second"):
+        assert name in rows[-1]

@@ -116,8 +116,7 @@ def measure(args) -> None:
     model.train()
     projector = CrepaProjector(1536, 1536)
     optimizer = build_optimizer(config, model, projector)
-    parts = StepParts(adapter, model, projector, CrepaWeightSchedule(config.schedule_config()), config,
-                      adapter.default_flow_shift)
+    parts = StepParts(adapter, model, projector, CrepaWeightSchedule(config.schedule_config()), config, {})
     data = torch.Generator().manual_seed(1)  # the same batch for every variant
     text = torch.zeros(1, TEXT_TOKENS, TEXT_DIM)
     text[:, :120] = torch.randn(1, 120, TEXT_DIM, generator=data)

@@ -110,7 +110,7 @@ class StepBench:
     def _parts(self, crepa: bool, block: int) -> StepParts:
         config = TrainConfig(crepa_enabled=crepa, crepa_block_index=block)
         return StepParts(self.adapter, self.transformer, self.projector, CrepaWeightSchedule(config.schedule_config()),
-                         config, self.adapter.default_flow_shift)
+                         config, {})
 
     @torch.no_grad()
     def online_teacher(self) -> torch.Tensor:
@@ -165,7 +165,7 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
         latents = torch.randn(1, 16, latent_frames, preset.height // 8, preset.width // 8)
         kwargs = adapter.transformer_kwargs(latents, torch.ones(1), torch.randn(1, TEXT_TOKENS, TEXT_DIM), None)
         with FlopCounterMode(display=False) as counter:
-            transformer(**kwargs)[0].float().square().mean().backward()
+            adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()
         counts["a"] = counter.get_total_flops()
         size = encoder_input_size(preset.height, preset.width, preset.image_size, "aspect", 14)
         with FlopCounterMode(display=False) as counter, torch.no_grad():

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
+from crepa.families import get_family
+from crepa.families.loading import load_pretrained
+from crepa.schedule import CrepaWeightSchedule
 from train.config import TrainConfig
 from train.data import BucketBatchSampler
-from train.trainer import run_train
+from train.flow_matching import sample_noise
+from train.trainer import StepParts, run_train, scheduler_settings, train_step
 
 
 def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
@@ -29,6 +35,54 @@ def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
 def metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def wan_720p(tmp_path_factory, tiny_models) -> str:
+    """The tiny Wan pipeline with the scheduler of Wan's 720p checkpoints (shift 5.0)."""
+    folder = str(tmp_path_factory.mktemp("wan720") / "wan")
+    shutil.copytree(tiny_models["wan"], folder)
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(os.path.join(folder, "scheduler"))
+    return folder
+
+
+def test_flow_shift_is_the_pipeline_schedulers(tmp_path, trained_cache, tiny_models, wan_720p, capsys):
+    out = str(tmp_path / "run")
+    run_train(train_config(trained_cache, tiny_models, out, model=wan_720p, max_train_steps=2))
+    assert [row["flow_shift"] for row in metrics(out)] == [5.0, 5.0]
+    source = os.path.join(wan_720p, "scheduler", "scheduler_config.json")
+    assert f"flow shift from {source}" in capsys.readouterr().out
+
+
+def test_flow_shift_without_a_scheduler_is_the_family_default_and_says_so(tmp_path, trained_cache, tiny_models,
+                                                                           capsys):
+    model = str(tmp_path / "wan")
+    shutil.copytree(tiny_models["wan"], model, ignore=shutil.ignore_patterns("scheduler"))
+    out = str(tmp_path / "run")
+    run_train(train_config(trained_cache, tiny_models, out, model=model, max_train_steps=1))
+    assert metrics(out)[0]["flow_shift"] == get_family("wan").default_flow_shift
+    assert "flow shift 3.0: the wan default, the pipeline has no scheduler config" in capsys.readouterr().out
+
+
+def test_drawn_sigmas_are_the_pipeline_schedulers(tmp_path, trained_cache, tiny_models, wan_720p):
+    cfg = train_config(trained_cache, tiny_models, str(tmp_path), model=wan_720p, crepa_enabled=False,
+                       timestep_sampling="uniform")
+    adapter = get_family("wan")
+    transformer = load_pretrained(adapter.transformer_class(), wan_720p, "transformer")
+    parts = StepParts(adapter, transformer, None, CrepaWeightSchedule(cfg.schedule_config()), cfg,
+                      scheduler_settings(cfg, adapter)[0])
+    seen = {}
+    transformer.register_forward_pre_hook(lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True)
+    keys = [f"clip{i}" for i in range(16)]
+    batch = {"keys": keys, "latents": torch.randn(16, 4, 3, 4, 6), "text": torch.randn(16, 5, 16),
+             "text_mask": torch.ones(16, 5, dtype=torch.bool)}
+    with torch.no_grad():
+        train_step(parts, batch, 3, torch.device("cpu"))
+    # the same per-clip draws before any shift (shift 1 is the identity), shifted by diffusers' own scheduler
+    _, raw = sample_noise(keys, (4, 3, 4, 6), cfg.seed, 3, "uniform", 1.0, 0.0, 1.0, torch.device("cpu"))
+    reference = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    reference.set_timesteps(sigmas=raw.tolist())
+    torch.testing.assert_close(seen["timestep"], reference.timesteps, rtol=1e-6, atol=1e-4)
 
 
 def test_resume_equals_uninterrupted(tmp_path, trained_cache, tiny_models):

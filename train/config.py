@@ -136,7 +136,7 @@ class TrainConfig:
     logit_std: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Std of the logit-normal density."""
     flow_shift: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
-    """Sigma shift (default: the family's scheduler shift)."""
+    """Sigma shift (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
     dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from crepa.capture import BlockCapture
 from crepa.errors import UserError
 from crepa.families import FamilyAdapter, get_family
-from crepa.families.loading import load_pretrained
+from crepa.families.loading import config_file, load_config, load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
@@ -47,7 +47,12 @@ class StepParts:
     projector: nn.Module | None
     schedule: CrepaWeightSchedule
     config: TrainConfig
-    shift: float
+    scheduler_config: dict
+    """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
+
+    def shift(self, latent_shape: torch.Size) -> float:
+        """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
+        return self.config.flow_shift or self.adapter.flow_shift(self.scheduler_config, latent_shape)
 
 
 @dataclass
@@ -78,24 +83,25 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
+    shift = parts.shift(latents.shape)
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
-                                 parts.shift, cfg.logit_mean, cfg.logit_std, device)
+                                 shift, cfg.logit_mean, cfg.logit_std, device)
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), batch["text"].to(device),
                                               batch["text_mask"].to(device))
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
-    metrics = {"crepa_weight": weight}
+    metrics = {"crepa_weight": weight, "flow_shift": shift}
     if not measure:  # no hook, no projector, no scores: a zero weight costs nothing
-        prediction = parts.transformer(**kwargs)[0]
+        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
         loss = flow = F.mse_loss(prediction.float(), target.float())
         return loss, {**metrics, "loss_flow": flow.detach()}
 
     teacher_block = cfg.crepa_teacher_block_index if cfg.crepa_use_backbone_features else None
     with BlockCapture(parts.adapter, parts.transformer, cfg.crepa_block_index, teacher_block) as capture:
-        prediction = parts.transformer(**kwargs)[0]
+        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
         student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
         teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
     flow = F.mse_loss(prediction.float(), target.float())
@@ -130,6 +136,21 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
         elif data.teacher_frames is not None and data.teacher_frames != data.latent_frames:
             raise UserError(f"cache teacher has {data.teacher_frames} frames per clip but the latents have "
                              f"{data.latent_frames}; it was made with another VAE's temporal compression")
+
+
+def scheduler_settings(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[dict, str]:
+    """The pipeline's scheduler config ({} when it has none), read without weights, and the start-up line's
+    account of where the flow shift comes from."""
+    if cfg.flow_shift:
+        return {}, f"flow shift {cfg.flow_shift} (--flow-shift)"
+    path = config_file(cfg.model, "scheduler", "scheduler_config.json")
+    if path is None:
+        return {}, (f"flow shift {adapter.default_flow_shift}: the {adapter.name} default, the pipeline has no "
+                    "scheduler config (pass --flow-shift to set it)")
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # any scheduler class's load_config returns scheduler_config.json as saved, whichever scheduler wrote it
+    return load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler"), f"flow shift from {path}"
 
 
 def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
@@ -181,6 +202,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)  # LoRA and projector initialisation
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
+    scheduler_config, shift_source = scheduler_settings(cfg, adapter)
 
     enable_tf32()
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
@@ -214,7 +236,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainables = [m for m in (transformer, projector) if m is not None]
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, cfg.flow_shift or adapter.default_flow_shift)
+    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
     state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -226,7 +248,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
               f"{cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} = "
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
               f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
-              f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params")
+              f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params; "
+              f"{shift_source}")
     log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)

@@ -34,7 +34,7 @@ class FamilyAdapter(ABC):
     default_text_max_length: int
     """Tokenizer max length the family's pipeline uses."""
     default_flow_shift: float
-    """Timestep shift of the family's flow-matching scheduler."""
+    """Timestep shift of the family's flow-matching scheduler, for pipelines that have no scheduler config."""
     default_lora_targets: tuple[str, ...]
     """Module-name suffixes that LoRA wraps by default."""
 
@@ -103,6 +103,34 @@ class FamilyAdapter(ABC):
         noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale;
         text_embeds (B, L, D) zero-padded to the cached max length; text_mask (B, L) bool.
         """
+
+    def prediction(self, output: Any, latent_shape: torch.Size) -> torch.Tensor:
+        """The denoiser's forward output -> its (B, C, F, H, W) prediction for latents of `latent_shape`.
+
+        A `return_dict=False` tuple gives its first item; a bare tensor is the prediction itself (its first index
+        is the batch). Families whose denoiser returns another layout (packed, channels-last) override this.
+        """
+        sample = output[0] if isinstance(output, tuple) else output
+        if sample.shape != latent_shape:
+            raise ValueError(f"{self.name}: the transformer's prediction has shape {tuple(sample.shape)}, "
+                             f"expected the latents' {tuple(latent_shape)}")
+        return sample
+
+    def flow_shift(self, scheduler_config: dict, latent_shape: torch.Size) -> float:
+        """Sigma shift for latents of `latent_shape` (B, C, F, H, W), from the pipeline's scheduler config.
+
+        A static shift, named `shift` (FlowMatchEulerDiscreteScheduler) or `flow_shift` (UniPC, DPM-Solver);
+        `default_flow_shift` when the pipeline has no scheduler config ({}). Families whose scheduler shifts with
+        the token count override this.
+        """
+        for key in ("shift", "flow_shift"):
+            if key in scheduler_config:
+                return float(scheduler_config[key])
+        if scheduler_config:
+            raise UserError(f"the {self.name} pipeline's scheduler ({scheduler_config.get('_class_name')}) "
+                            "sets no flow shift (`shift` or `flow_shift`)", where="scheduler/scheduler_config.json",
+                            fix="pass --flow-shift")
+        return self.default_flow_shift
 
     @abstractmethod
     def text_embedding_dim(self, transformer: nn.Module) -> int:

@@ -98,6 +98,18 @@ def load_config(loader: Any, model: str | None, subfolder: str, override: str | 
         ) from error
 
 
+def config_file(model: str | None, subfolder: str, name: str) -> str | None:
+    """`<model>/<subfolder>/<name>` in a local folder or the cached snapshot of a hub id; None when there is none."""
+    if not model:
+        return None
+    try:
+        folder = _local(model)
+    except ValueError:  # neither a folder nor a valid hub id: nothing to read, and loading the weights says so
+        return None
+    path = os.path.join(folder, subfolder, name)
+    return path if os.path.isfile(path) else None
+
+
 def component_identity(model: str | None, subfolder: str, override: str | None = None) -> dict:
     """What names a component in cache fingerprints, without loading it.
 

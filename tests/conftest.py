@@ -70,3 +70,15 @@ def trained_cache(tmp_path_factory, tiny_models) -> str:
                               teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56))
     run_precompute(config)
     return str(root / "cache")
+
+
+@pytest.fixture(scope="module")
+def wan():
+    """(adapter, a tiny random WanTransformer3DModel in eval mode), seeded."""
+    import torch
+
+    from crepa.families import get_family
+
+    adapter = get_family("wan")
+    torch.manual_seed(0)
+    return adapter, adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()

@@ -7,14 +7,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from crepa.families import get_family
 
 
-@pytest.fixture(scope="module")
-def wan():
-    adapter = get_family("wan")
-    torch.manual_seed(0)
-    transformer = adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()
-    return adapter, transformer
-
-
 @pytest.mark.parametrize("scheduler", [FlowMatchEulerDiscreteScheduler(shift=5.0),
                                        UniPCMultistepScheduler(flow_shift=5.0, use_flow_sigmas=True,
                                                                prediction_type="flow_prediction")])

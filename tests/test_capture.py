@@ -7,14 +7,6 @@ from crepa.capture import BlockCapture
 from crepa.families import get_family
 
 
-@pytest.fixture(scope="module")
-def wan():
-    adapter = get_family("wan")
-    torch.manual_seed(0)
-    transformer = adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()
-    return adapter, transformer
-
-
 def wan_inputs(batch=2, frames=3, height=4, width=6):
     torch.manual_seed(1)
     return dict(

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import train_config
 from torch import nn
 
 import train.trainer
@@ -23,13 +24,6 @@ BF16_LAYER_RTOL = 0.01
 LOSS_CURVE_ATOL = 0.005
 """Largest per-step loss difference, bf16 base against fp32, over 10 steps of the tiny model (losses about 1.3);
 measured 0.001."""
-
-
-def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
-    options = dict(cache=cache, family="wan", model=models["wan"], output_dir=out, crepa_block_index=1,
-                   learning_rate=1e-3, max_train_steps=4, checkpointing_steps=100, dataloader_num_workers=0,
-                   report_to="none", lora_rank=4)
-    return TrainConfig(**(options | kw))
 
 
 def losses(out: str) -> list[float]:

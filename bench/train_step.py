@@ -23,7 +23,7 @@ import torch
 
 from bench.common import markdown_table, median, parser, record, spread, status_bytes, time_alternating
 from bench.real_configs import DINOV2, save_dinov2, wan_transformer, wan_vae
-from crepa.families import get_family
+from crepa.families import Conditioning, get_family
 from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from precompute.config import TeacherSettings
@@ -163,7 +163,8 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         latents = torch.randn(1, 16, latent_frames, preset.height // 8, preset.width // 8)
-        kwargs = adapter.transformer_kwargs(latents, torch.ones(1), torch.randn(1, TEXT_TOKENS, TEXT_DIM), None)
+        text = Conditioning(torch.randn(1, TEXT_TOKENS, TEXT_DIM), torch.ones(1, TEXT_TOKENS, dtype=torch.bool))
+        kwargs = adapter.transformer_kwargs(latents, torch.ones(1), text)
         with FlopCounterMode(display=False) as counter:
             adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()
         counts["a"] = counter.get_total_flops()

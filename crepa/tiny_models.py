@@ -35,17 +35,15 @@ def tiny_tokenizer():
 
 
 def save_tiny_pipeline(adapter: FamilyAdapter, folder: str, seed: int = 0) -> str:
-    """Write a diffusers pipeline folder (transformer, vae, text_encoder, tokenizer, scheduler)."""
+    """Write a complete diffusers pipeline folder (transformer, vae, text encoders, tokenizers, scheduler)."""
     import diffusers
 
     torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    text_encoder = adapter.text_encoder_class()(adapter.tiny_text_encoder_config(len(tokenizer))).eval()
+    text = adapter.tiny_text_components()
     vae = adapter.vae_class()(**adapter.tiny_vae_config()).eval()
     transformer = adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=adapter.default_flow_shift)
     pipeline = getattr(diffusers, adapter.pipeline_class_name)(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        vae=vae, scheduler=adapter.tiny_scheduler(), transformer=transformer, **text
     )
     pipeline.save_pretrained(folder)
     return folder

@@ -15,6 +15,7 @@ from crepa.encoders import resolve_encoder
 from crepa.families.base import FamilyAdapter
 from crepa.families.loading import component_identity
 from precompute.config import PrecomputeConfig
+from precompute.models import text_overrides
 from precompute.teacher import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -40,8 +41,8 @@ def latents_identity(adapter: FamilyAdapter, config: PrecomputeConfig, vae_dtype
 def text_identity(adapter: FamilyAdapter, config: PrecomputeConfig, text_dtype: str, max_length: int) -> dict:
     return {
         "family": adapter.name,
-        "text_encoder": component_identity(config.model, "text_encoder", config.text_encoder),
-        "tokenizer": component_identity(config.model, "tokenizer", config.tokenizer),
+        **{subfolder: component_identity(config.model, subfolder, override)
+           for subfolder, override in text_overrides(adapter, config).items()},
         "compute_dtype": text_dtype,
         "dtype": config.text_dtype,
         "max_length": max_length,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from crepa.families.base import FamilyAdapter
+from crepa.families.base import FamilyAdapter, TextEncoders
 from crepa.families.loading import load_pretrained, resolve_dtype
 from precompute.config import PrecomputeConfig
 
@@ -77,12 +77,30 @@ def load_vae(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.dev
     return vae.to("cpu" if config.offload else device).eval().requires_grad_(False)
 
 
-def load_text_encoder(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device):
-    """(tokenizer, text encoder) of the family, on the device unless offloading."""
+def text_overrides(adapter: FamilyAdapter, config: PrecomputeConfig) -> dict[str, str | None]:
+    """Every tokenizer and text-encoder subfolder of the family -> the folder that overrides `<model>/<subfolder>`.
+
+    --tokenizer / --text-encoder override the first pair; a second pair always comes from the --model folder.
+    """
+    overrides: dict[str, str | None] = {}
+    for subfolder in adapter.text_encoder_classes:
+        first = subfolder == "text_encoder"
+        overrides[adapter.tokenizer_subfolder(subfolder)] = config.tokenizer if first else None
+        overrides[subfolder] = config.text_encoder if first else None
+    return overrides
+
+
+def load_text_encoders(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device) -> TextEncoders:
+    """Every tokenizer and text encoder of the family by subfolder, encoders on the device unless offloading."""
     from transformers import AutoTokenizer
 
-    tokenizer = load_pretrained(AutoTokenizer, config.model, "tokenizer", config.tokenizer)
     dtype = compute_dtype(config.text_encoder_dtype, device)
-    encoder = load_pretrained(adapter.text_encoder_class(), config.model, "text_encoder", config.text_encoder,
-                              dtype=dtype)
-    return tokenizer, encoder.to("cpu" if config.offload else device).eval().requires_grad_(False)
+    loaded: TextEncoders = {}
+    for subfolder, override in text_overrides(adapter, config).items():
+        if subfolder in adapter.text_encoder_classes:
+            encoder = load_pretrained(adapter.text_encoder_class(subfolder), config.model, subfolder, override,
+                                      dtype=dtype)
+            loaded[subfolder] = encoder.to("cpu" if config.offload else device).eval().requires_grad_(False)
+        else:
+            loaded[subfolder] = load_pretrained(AutoTokenizer, config.model, subfolder, override)
+    return loaded

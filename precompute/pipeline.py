@@ -41,7 +41,7 @@ from precompute.config import PrecomputeConfig
 from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult, DecodeTask
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
-from precompute.models import Timer, compute_dtype, load_text_encoder, load_vae, precompute_device, resident
+from precompute.models import Timer, compute_dtype, load_text_encoders, load_vae, precompute_device, resident
 from precompute.output import disk_full, is_disk_full, open_output
 from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
 from precompute.teacher import TeacherEncoder, teacher_grid
@@ -260,21 +260,23 @@ def _writer(store: CacheStore, feature_set: FeatureSet, config: PrecomputeConfig
 
 def _text_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
                 text_set: FeatureSet, captions: dict[str, str], max_length: int, timers: Timers) -> None:
-    """Unique captions -> (L, D) embeddings; the text encoder is freed before the video stage."""
+    """Unique captions -> the family's text arrays; the text encoders are freed before the video stage."""
     with timers.load("text_encoder", device):
-        tokenizer, encoder = load_text_encoder(adapter, config, device)
+        encoders = load_text_encoders(adapter, config, device)
     items = list(captions.items())
     with _writer(store, text_set, config, ragged=("embeds",)) as writer, BackgroundWriter({"text": writer}) as out, \
             tqdm(total=len(items), desc="text", unit="caption") as bar:
         for begin in range(0, len(items), config.text_batch_size):
             batch = items[begin: begin + config.text_batch_size]
-            with torch.no_grad(), resident(encoder, device, config.offload), timers.forward("text_encoder", device):
-                embeds = adapter.encode_text(tokenizer, encoder, [caption for _, caption in batch], max_length)
-            for (key, caption), embed in zip(batch, embeds, strict=True):
-                out.add("text", key, "text", {"embeds": _to_numpy(embed, config.text_dtype)},
-                        {"caption": caption, "length": int(embed.shape[0])})
+            with torch.no_grad(), contextlib.ExitStack() as on_device, timers.forward("text_encoder", device):
+                for name in adapter.text_encoder_classes:
+                    on_device.enter_context(resident(encoders[name], device, config.offload))
+                encoded = adapter.encode_text(encoders, [caption for _, caption in batch], max_length)
+            for (key, caption), arrays in zip(batch, encoded, strict=True):
+                stored = {name: _to_numpy(array, config.text_dtype) for name, array in arrays.items()}
+                out.add("text", key, "text", stored, {"caption": caption, "length": int(arrays["embeds"].shape[0])})
             bar.update(len(batch))
-    del encoder, tokenizer
+    del encoders
     _free(device)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from crepa.families import get_family
+from crepa.families import Conditioning, get_family
 
 
 @pytest.mark.parametrize("scheduler", [FlowMatchEulerDiscreteScheduler(shift=5.0),
@@ -23,8 +23,8 @@ def test_flow_shift_without_a_scheduler_config_is_the_family_default():
 def test_wan_prediction_is_the_models_sample(wan):
     adapter, transformer = wan
     latents = torch.randn(2, 4, 3, 4, 6)
-    kwargs = adapter.transformer_kwargs(latents, torch.tensor([500.0, 250.0]), torch.randn(2, 5, 16),
-                                        torch.ones(2, 5, dtype=torch.bool))
+    kwargs = adapter.transformer_kwargs(latents, torch.tensor([500.0, 250.0]),
+                                        Conditioning(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)))
     with torch.no_grad():
         ours = adapter.prediction(transformer(**kwargs), latents.shape)
         sample = transformer(**(kwargs | {"return_dict": True})).sample

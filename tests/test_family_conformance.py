@@ -7,6 +7,7 @@ The reference is always what users run: the family's pipeline class loaded from 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -17,7 +18,7 @@ from conftest import write_dataset
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
 from crepa.capture import BlockCapture
-from crepa.families import SUPPORTED_FAMILIES, get_family
+from crepa.families import SUPPORTED_FAMILIES, Conditioning, get_family
 from precompute.config import PrecomputeConfig, TeacherSettings
 from precompute.pipeline import run_precompute
 from train.config import TrainConfig
@@ -66,7 +67,8 @@ def forward_inputs(family: str, sample: dict, text_length: int, seed: int = 3) -
     batch = collate([to_tensors(sample)], text_length)
     generator = torch.Generator().manual_seed(seed)
     noisy = torch.randn(batch["latents"].shape, generator=generator)
-    return get_family(family).transformer_kwargs(noisy, torch.tensor([400.0]), batch["text"], batch["text_mask"])
+    return get_family(family).transformer_kwargs(noisy, torch.tensor([400.0]),
+                                                 Conditioning.from_batch(batch, noisy.device))
 
 
 def block_input(transformer: torch.nn.Module, block: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -145,10 +147,8 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
     sample, caption, _ = cached_sample
     pipe = load_pipeline(family, pipeline_folder)
     torch.manual_seed(0)
-    _, frames, height, width = sample["latents"].shape
-    pixel_frames = 1 + (frames - 1) * adapter.vae_compression(pipe.vae.config)[0]
-    spatial = adapter.vae_compression(pipe.vae.config)[1]
-    pixels = torch.rand(1, 3, pixel_frames, height * spatial, width * spatial) * 2 - 1
+    frames, height, width = pixel_size(adapter, pipe, (1, *sample["latents"].shape))
+    pixels = torch.rand(1, 3, frames, height, width) * 2 - 1
     with torch.no_grad():
         latents = adapter.encode_video(pipe.vae, pixels)  # as precompute caches them
         ours = adapter.decode_latents(pipe.vae, latents)
@@ -169,8 +169,8 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
         lambda module, args, output: torch.utils._pytree.tree_map(torch.zeros_like, output))
     try:
         with torch.no_grad():
-            pipe(prompt=caption, latents=latents.clone(), num_frames=pixel_frames, height=pixels.shape[-2],
-                 width=pixels.shape[-1], num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+            pipeline_call(pipe, frames, height, width, prompt=caption, latents=latents.clone(), num_inference_steps=1,
+                          guidance_scale=1.0, output_type="pt")
     finally:
         zero.remove()
     ((unnormalised, pixels_out),) = decoded
@@ -178,15 +178,50 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
     torch.testing.assert_close(ours, pixels_out, rtol=0, atol=1e-5)
 
 
-def test_cached_text_is_the_pipelines_prompt_encoding(family, pipeline_folder, cached_sample):
+def pipeline_call(pipe, frames: int, height: int, width: int, **kwargs):
+    """`pipe(...)` at a clip's size, the frame count under the name this pipeline's `__call__` gives it."""
+    params = inspect.signature(pipe.__call__).parameters
+    frames_name = "num_frames" if "num_frames" in params else "frames"
+    if "use_resolution_binning" in params:  # binning snaps to the model's trained sizes; the tiny clip has its own
+        kwargs["use_resolution_binning"] = False
+    return pipe(**{frames_name: frames}, height=height, width=width, **kwargs)
+
+
+def pixel_size(adapter, pipe, latent_shape) -> tuple[int, int, int]:
+    """(frames, height, width) of the clip whose latents have `latent_shape` (B, C, F, H, W)."""
+    temporal, spatial = adapter.vae_compression(pipe.vae.config)
+    _, _, frames, height, width = latent_shape
+    return 1 + (frames - 1) * temporal, height * spatial, width * spatial
+
+
+def test_cached_inputs_condition_the_transformer_as_the_pipeline_does(family, pipeline_folder, cached_sample):
+    """The transformer's first forward when the pipeline generates from the caption, against ours from the cache."""
+    adapter = get_family(family)
     sample, caption, text_length = cached_sample
     pipe = load_pipeline(family, pipeline_folder)
-    with torch.no_grad():
-        expected = pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=text_length)[0]
+    latent_shape = torch.Size((1, *sample["latents"].shape))
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs),
+                                                      with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipeline_call(pipe, *pixel_size(adapter, pipe, latent_shape), prompt=caption, num_inference_steps=1,
+                          guidance_scale=1.0, output_type="latent")
+    finally:
+        hook.remove()
+    theirs = calls[0]
+    noisy = adapter.prediction(theirs["hidden_states"], latent_shape)  # the pipeline's latents, in (B, C, F, H, W)
+    batch = collate([to_tensors(sample)], text_length)
+    ours = adapter.transformer_kwargs(noisy, pipe.scheduler.timesteps[:1], Conditioning.from_batch(batch, noisy.device))
+
     cached = torch.from_numpy(sample["text"]).float()
-    torch.testing.assert_close(cached, expected[0, : len(cached)], rtol=0, atol=1e-5)
-    # what training feeds the transformer, padding included, is what the pipeline feeds it
-    torch.testing.assert_close(collate([to_tensors(sample)], text_length)["text"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached, theirs["encoder_hidden_states"][0, : len(cached)], rtol=0, atol=1e-5)
+    if "encoder_attention_mask" in theirs:
+        assert ours["encoder_attention_mask"].bool().equal(theirs["encoder_attention_mask"].bool())
+    with torch.no_grad():
+        expected = adapter.prediction(pipe.transformer(**theirs), latent_shape)
+        torch.testing.assert_close(adapter.prediction(pipe.transformer(**ours), latent_shape), expected,
+                                   rtol=0, atol=1e-5)
 
 
 def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, pipeline_folder, cached_sample,

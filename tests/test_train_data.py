@@ -11,9 +11,11 @@ from train.data import batch_tensor, collate, to_tensors
 
 def sample(index: int, tokens: int) -> dict:
     rng = np.random.default_rng(index)
-    return to_tensors({"key": f"k{index}", "latents": rng.standard_normal((4, 3, 2, 2), dtype=np.float32),
+    return to_tensors({"key": f"k{index}", "fps": 24.0 + index,
+                       "latents": rng.standard_normal((4, 3, 2, 2), dtype=np.float32),
                        "teacher": rng.standard_normal((3, 2, 2, 8)).astype(np.float16),
-                       "text": rng.standard_normal((tokens, 6)).astype(np.float16)})
+                       "text": rng.standard_normal((tokens, 6)).astype(np.float16),
+                       "text_pooled": rng.standard_normal(5).astype(np.float16)})
 
 
 def reference(samples: list[dict], text_length: int) -> dict:
@@ -24,12 +26,14 @@ def reference(samples: list[dict], text_length: int) -> dict:
         length = min(len(s["text"]), text_length)
         text[row, :length], mask[row, :length] = s["text"][:length], True
     return {"keys": [s["key"] for s in samples], "latents": torch.stack([s["latents"] for s in samples]),
-            "teacher": torch.stack([s["teacher"] for s in samples]), "text": text, "text_mask": mask}
+            "teacher": torch.stack([s["teacher"] for s in samples]), "text": text, "text_mask": mask,
+            "text_pooled": torch.stack([s["text_pooled"] for s in samples]),
+            "fps": torch.tensor([s["fps"] for s in samples])}
 
 
 def assert_batches_equal(got: dict, want: dict) -> None:
     assert got.keys() == want.keys() and got["keys"] == want["keys"]
-    for name in ("latents", "teacher", "text", "text_mask"):
+    for name in ("latents", "teacher", "text", "text_mask", "text_pooled", "fps"):
         assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape
         assert torch.equal(got[name], want[name]), name
 
@@ -40,6 +44,11 @@ def test_collate_pads_cuts_and_stacks():
         assert_batches_equal(collate(batch, text_length=7), reference(batch, 7))
     assert collate(samples, text_length=7)["text"].dtype == torch.float32
     assert samples[1]["teacher"].dtype == torch.float16  # the teacher keeps its storage dtype
+
+
+def test_a_clip_without_a_recorded_frame_rate_has_nan_fps():
+    unknown = sample(1, 2) | {"fps": None}  # cached before clips recorded their frame rate
+    assert collate([sample(0, 3), unknown], text_length=4)["fps"].isnan().tolist() == [False, True]
 
 
 def test_one_sample_in_the_main_process_is_not_copied():

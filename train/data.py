@@ -46,8 +46,11 @@ class ZarrClips(Dataset):
 
 def to_tensors(sample: dict) -> dict:
     """numpy arrays -> tensors: latents and text in fp32, teacher kept in its storage dtype."""
-    out = {"key": sample["key"], "latents": torch.from_numpy(np.asarray(sample["latents"], dtype=np.float32)),
+    out = {"key": sample["key"], "fps": sample.get("fps"),
+           "latents": torch.from_numpy(np.asarray(sample["latents"], dtype=np.float32)),
            "text": torch.from_numpy(np.asarray(sample["text"], dtype=np.float32))}
+    if sample.get("text_pooled") is not None:
+        out["text_pooled"] = torch.from_numpy(np.asarray(sample["text_pooled"], dtype=np.float32))
     if sample.get("teacher") is not None:
         out["teacher"] = torch.from_numpy(np.ascontiguousarray(sample["teacher"]))
     return out
@@ -189,12 +192,13 @@ class WebDatasetClips(IterableDataset):
         if self.with_teacher and "teacher.npy" not in sample:
             raise UserError(f"shard sample {sample['__key__']} has no teacher.npy; export with the teacher "
                              "or train with --crepa-use-backbone-features / --no-crepa-enabled")
-        return to_tensors({"key": sample["__key__"], "latents": sample["latents.npy"], "text": sample["text.npy"],
+        return to_tensors({"key": sample["__key__"], "fps": sample["json"].get("fps"), "latents": sample["latents.npy"],
+                           "text": sample["text.npy"], "text_pooled": sample.get("text_pooled.npy"),
                            "teacher": sample.get("teacher.npy") if self.with_teacher else None})
 
 
 def collate(samples: list[dict], text_length: int) -> dict:
-    """Stack one bucket's samples; text is zero-padded to the cached max length with a mask."""
+    """Stack one bucket's samples; text is zero-padded to the cached max length with a mask, fps NaN where unknown."""
     size, text_dim = len(samples), samples[0]["text"].shape[-1]
     text = batch_tensor((size, text_length, text_dim), torch.float32)
     mask = torch.zeros(size, text_length, dtype=torch.bool)
@@ -204,7 +208,10 @@ def collate(samples: list[dict], text_length: int) -> dict:
         text[row, length:] = 0
         mask[row, :length] = True
     batch = {"keys": [s["key"] for s in samples], "latents": stack([s["latents"] for s in samples]),
-             "text": text, "text_mask": mask}
+             "text": text, "text_mask": mask,
+             "fps": torch.tensor([math.nan if s.get("fps") is None else s["fps"] for s in samples])}
+    if "text_pooled" in samples[0]:
+        batch["text_pooled"] = stack([s["text_pooled"] for s in samples])
     if "teacher" in samples[0]:
         batch["teacher"] = stack([s["teacher"] for s in samples])
     return batch

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from crepa.capture import BlockCapture
 from crepa.errors import UserError
-from crepa.families import FamilyAdapter, get_family
+from crepa.families import Conditioning, FamilyAdapter, get_family
 from crepa.families.loading import config_file, load_config, load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
@@ -89,8 +89,8 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
                                  shift, cfg.logit_mean, cfg.logit_std, device)
     noisy, target = noisy_input(latents, noise, sigmas)
-    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), batch["text"].to(device),
-                                              batch["text_mask"].to(device))
+    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
+                                              Conditioning.from_batch(batch, device))
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": shift}

@@ -17,6 +17,8 @@ def view_samples(view: CacheView) -> Iterator[dict]:
         sample = {"__key__": clip.key, "latents.npy": arrays["latents"], "text.npy": arrays["text"],
                   "json": {"key": clip.key, "caption": clip.caption, "group": clip.group, "source": clip.source,
                            "num_repeats": clip.num_repeats, "text_key": clip.text_key, "fps": arrays["fps"], **meta}}
+        if "text_pooled" in arrays:
+            sample["text_pooled.npy"] = arrays["text_pooled"]
         if view.teacher is not None:
             sample["teacher.npy"] = arrays["teacher"]
         yield sample

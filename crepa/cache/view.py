@@ -114,7 +114,8 @@ class CacheView:
                          "choose one with --crepa-encoder NAME or FINGERPRINT")
 
     def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:
-        """{'key', 'fps', 'latents' (C, F, H, W), 'text' (L, D), 'teacher' (F, ht, wt, D) when selected}.
+        """{'key', 'fps', 'latents' (C, F, H, W), 'text' (L, D), 'text_pooled' (P,) where the text set has one,
+        'teacher' (F, ht, wt, D) when selected}.
 
         `fps` is the frame rate of the clip's sampled frames, from its latents entry; None where the entry was written
         without one (caches from before clips recorded it).
@@ -127,8 +128,11 @@ class CacheView:
                 "key": clip.key,
                 "fps": self.store.entry(self.latents, clip.key).get("fps"),
                 "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
-                "text": self.store.read(self.text, clip.text_key, ["embeds"])["embeds"],
             }
+            text = self.store.read(self.text, clip.text_key)
+            sample["text"] = text["embeds"]
+            if "pooled" in text:
+                sample["text_pooled"] = text["pooled"]
             if self.teacher is not None:  # the CLS token is not part of the training view
                 sample["teacher"] = self._teacher_patch(clip.key)
         except EntryReadError as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crepa.errors import UserError
-from crepa.families.base import FamilyAdapter
+from crepa.families.base import Conditioning, FamilyAdapter
 from crepa.families.wan import WanAdapter
 
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {
@@ -22,4 +22,4 @@ def get_family(name: str) -> FamilyAdapter:
         ) from None
 
 
-__all__ = ["FamilyAdapter", "SUPPORTED_FAMILIES", "get_family"]
+__all__ = ["Conditioning", "FamilyAdapter", "SUPPORTED_FAMILIES", "get_family"]

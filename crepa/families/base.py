@@ -8,12 +8,38 @@ lives behind these verbs, one module per family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from crepa.errors import UserError
+
+TextEncoders = dict[str, Any]
+"""The family's tokenizers and text encoders by pipeline subfolder: {"tokenizer": ..., "text_encoder": ..., ...}."""
+
+
+@dataclass
+class Conditioning:
+    """Everything besides the noisy latents that one denoiser forward takes, for a batch of B clips.
+
+    Built from cached arrays only; `transformer_kwargs` turns it into the family's keyword arguments.
+    """
+
+    text: torch.Tensor
+    """(B, L, D) the cached text embeddings, zero-padded to the cached max length."""
+    text_mask: torch.Tensor
+    """(B, L) bool, True on each caption's own tokens (a prefix of each row)."""
+    text_pooled: torch.Tensor | None = None
+    """(B, P) pooled vector of a second text encoder, for families whose cache stores one."""
+    fps: torch.Tensor | None = None
+    """(B,) frame rate of each clip's sampled frames; NaN where the cache did not record it."""
+
+    @classmethod
+    def from_batch(cls, batch: dict, device: torch.device) -> Conditioning:
+        """The conditioning of a collated batch (train.data.collate), on `device`."""
+        return cls(**{f.name: batch[f.name].to(device) for f in fields(cls) if batch.get(f.name) is not None})
 
 
 class FamilyAdapter(ABC):
@@ -27,8 +53,9 @@ class FamilyAdapter(ABC):
     """Attribute of the transformer that holds its `nn.ModuleList` of blocks."""
     vae_class_name: str
     """diffusers class of the VAE."""
-    text_encoder_class_name: str
-    """transformers class of the text encoder."""
+    text_encoder_classes: dict[str, str]
+    """transformers class of each text encoder, by pipeline subfolder (`text_encoder`, `text_encoder_2`); each
+    one's tokenizer is in the matching `tokenizer`, `tokenizer_2` subfolder."""
     pipeline_class_name: str
     """diffusers pipeline whose `save_lora_weights` / `load_lora_weights` format LoRAs follow."""
     default_text_max_length: int
@@ -67,10 +94,16 @@ class FamilyAdapter(ABC):
 
         return getattr(diffusers, self.vae_class_name)
 
-    def text_encoder_class(self) -> type[nn.Module]:
+    def text_encoder_class(self, subfolder: str = "text_encoder") -> type[nn.Module]:
+        """transformers class of the text encoder stored under `subfolder`."""
         import transformers
 
-        return getattr(transformers, self.text_encoder_class_name)
+        return getattr(transformers, self.text_encoder_classes[subfolder])
+
+    @staticmethod
+    def tokenizer_subfolder(text_encoder_subfolder: str) -> str:
+        """The pipeline subfolder of a text encoder's tokenizer: text_encoder_2 -> tokenizer_2."""
+        return text_encoder_subfolder.replace("text_encoder", "tokenizer")
 
     @abstractmethod
     def vae_compression(self, vae_config: dict) -> tuple[int, int]:
@@ -91,17 +124,21 @@ class FamilyAdapter(ABC):
         """Normalised latents (B, C, f, h, w) -> pixels (B, 3, F, H, W) in [-1, 1]."""
 
     @abstractmethod
-    def encode_text(self, tokenizer: Any, text_encoder: nn.Module, captions: list[str],
-                    max_length: int) -> list[torch.Tensor]:
-        """Captions -> one (L_i, D) embedding per caption, without padding."""
+    def encode_text(self, encoders: TextEncoders, captions: list[str],
+                    max_length: int) -> list[dict[str, torch.Tensor]]:
+        """Captions -> per caption the text arrays the transformer takes, as the family's pipeline computes them.
+
+        Each dict holds `embeds` (L_i, D): the caption's own tokens, which the trainer zero-pads to `max_length` and
+        marks with a prefix mask (families whose pipeline encodes with padding compute with it, then keep the
+        caption's tokens); and `pooled` (P,) where the family takes a pooled vector.
+        """
 
     @abstractmethod
     def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                           text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
-        """Keyword arguments of one denoiser forward.
+                           conditioning: Conditioning) -> dict:
+        """Keyword arguments of one denoiser forward, as the family's pipeline builds them.
 
-        noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale;
-        text_embeds (B, L, D) zero-padded to the cached max length; text_mask (B, L) bool.
+        noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale.
         """
 
     def prediction(self, output: Any, latent_shape: torch.Size) -> torch.Tensor:
@@ -152,6 +189,20 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def tiny_text_encoder_config(self, vocab_size: int) -> Any:
         """A transformers config of a tiny text encoder whose width matches the tiny transformer."""
+
+    def tiny_text_components(self) -> dict[str, Any]:
+        """The tiny pipeline's tokenizers and text encoders by subfolder (one pair unless the family has more)."""
+        from crepa.tiny_models import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        encoder = self.text_encoder_class()(self.tiny_text_encoder_config(len(tokenizer))).eval()
+        return {"tokenizer": tokenizer, "text_encoder": encoder}
+
+    def tiny_scheduler(self) -> Any:
+        """The scheduler a tiny pipeline is saved with: the family's, with its shift."""
+        import diffusers
+
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=self.default_flow_shift)
 
     def hidden_dim(self, transformer: nn.Module) -> int:
         """Width D of the block outputs CREPA aligns."""

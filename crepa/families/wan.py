@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepa.families.base import FamilyAdapter
+from crepa.families.base import Conditioning, FamilyAdapter, TextEncoders
 
 
 def _latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +57,7 @@ class WanAdapter(FamilyAdapter):
     transformer_class_name = "WanTransformer3DModel"
     block_list_attr = "blocks"
     vae_class_name = "AutoencoderKLWan"
-    text_encoder_class_name = "UMT5EncoderModel"
+    text_encoder_classes = {"text_encoder": "UMT5EncoderModel"}
     pipeline_class_name = "WanPipeline"
     default_text_max_length = 512
     default_flow_shift = 3.0
@@ -84,11 +84,12 @@ class WanAdapter(FamilyAdapter):
         mean, std = _latent_stats(vae, latents)
         return vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
 
-    def encode_text(self, tokenizer: Any, text_encoder: nn.Module, captions: list[str],
-                    max_length: int) -> list[torch.Tensor]:
+    def encode_text(self, encoders: TextEncoders, captions: list[str],
+                    max_length: int) -> list[dict[str, torch.Tensor]]:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        tokens = tokenizer(
+        text_encoder = encoders["text_encoder"]
+        tokens = encoders["tokenizer"](
             [prompt_clean(c) for c in captions], padding="max_length", max_length=max_length, truncation=True,
             add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
         )
@@ -96,12 +97,12 @@ class WanAdapter(FamilyAdapter):
         mask = tokens.attention_mask.to(device)
         hidden = text_encoder(tokens.input_ids.to(device), mask).last_hidden_state
         lengths = mask.gt(0).sum(dim=1)
-        return [h[:n] for h, n in zip(hidden, lengths.tolist(), strict=True)]
+        return [{"embeds": h[:n]} for h, n in zip(hidden, lengths.tolist(), strict=True)]
 
     def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                           text_embeds: torch.Tensor, text_mask: torch.Tensor) -> dict:
+                           conditioning: Conditioning) -> dict:
         # Wan attends to the zero-padded text tokens without a mask, exactly as its pipeline does.
-        return dict(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=text_embeds,
+        return dict(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=conditioning.text,
                     return_dict=False)
 
     def text_embedding_dim(self, transformer: nn.Module) -> int:

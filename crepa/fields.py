@@ -6,7 +6,9 @@ config's own validation (`check_fields`, called from `__post_init__`) and by the
 in --help), so the two cannot disagree:
 
 - `choices`: the allowed values;
-- `min` / `max`: the range of a number, inclusive unless `exclusive` is true (then both bounds are open).
+- `min` / `max`: the range of a number, inclusive unless `exclusive` is true (then both bounds are open);
+- `aliases`: other names of the option (with dashes), the established names of other trainers, accepted on the
+  command line and, with underscores, in config files.
 
 The type comes from the annotation (`int`, `float`, `bool`, `str`, `list[str]`, each optionally `| None`); floats
 must be finite.
@@ -29,6 +31,11 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 def flag_name(field: dataclasses.Field) -> str:
     """The option's name without dashes in front, e.g. "encoder-image-size"."""
     return field.metadata.get("flag", field.name.replace("_", "-"))
+
+
+def flag_aliases(field: dataclasses.Field) -> tuple[str, ...]:
+    """Other names of the option, without dashes in front, e.g. ("checkpointing-steps",)."""
+    return tuple(field.metadata.get("aliases", ()))
 
 
 def field_docs(cls: type) -> dict[str, str]:

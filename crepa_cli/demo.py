@@ -51,7 +51,7 @@ def run_demo(workdir: str, family: str = "wan") -> None:
 
     result = run_train(TrainConfig(
         cache=paths["cache"], family=family, model=paths["pipeline"], output_dir=paths["run"], crepa_block_index=1,
-        crepa_lambda=0.5, learning_rate=1e-3, max_train_steps=20, checkpointing_steps=10, lora_rank=8,
+        crepa_lambda=0.5, learning_rate=1e-3, max_train_steps=20, save_every=10, lora_rank=8,
         dataloader_num_workers=1, comfyui_export=True,
     ))
     click.echo(f"LoRA (diffusers format): {result.lora_path}")

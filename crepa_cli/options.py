@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import click
 
-from crepa.fields import base_type, field_docs, flag_name
+from crepa.fields import base_type, field_docs, flag_aliases, flag_name
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 
@@ -71,8 +71,8 @@ def config_options(cls: type) -> Callable:
             else:
                 click_type = _click_type(field, kind)
                 default = {} if required else {"default": _default(field)}  # click counts a None default as given
-                option = click.option(f"--{flag}", param, type=click_type, required=required, help=help_text,
-                                      **default)
+                names = [f"--{name}" for name in (flag, *flag_aliases(field))]
+                option = click.option(*names, param, type=click_type, required=required, help=help_text, **default)
             command = option(command)
         return command
 

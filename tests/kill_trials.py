@@ -84,7 +84,7 @@ def train_argv(setup: Setup, output_dir: str, resume: bool) -> list[str]:
     extra = ["--resume", "latest"] if resume else []
     return [sys.executable, "-m", "train", "--cache", setup.reference_cache, "--family", "wan",
             "--model", setup.models["wan"], "--output-dir", output_dir, "--crepa-block-index", "1",
-            "--max-train-steps", str(TRAIN_STEPS), "--checkpointing-steps", str(CHECKPOINT_EVERY),
+            "--max-train-steps", str(TRAIN_STEPS), "--save-every", str(CHECKPOINT_EVERY),
             "--batch-size", "1", "--dataloader-num-workers", "1", "--report-to", "none", "--seed", "0", *extra]
 
 

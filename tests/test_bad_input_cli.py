@@ -64,6 +64,11 @@ ROWS = {
                                               "--crepa-use-backbone-features needs --crepa-teacher-block-index", 1),
     "decaying lambda without decay steps": ([*TRAIN, "--crepa-scheduler", "linear"], None,
                                             "crepa_scheduler=linear needs crepa_decay_steps > crepa_warmup_steps", 1),
+    "timestep range upside down": ([*TRAIN, "--min-timestep", "600", "--max-timestep", "200"], None,
+                                   "--min-timestep 600 must be below --max-timestep 200: both are on the 0..1000 "
+                                   "timestep scale", 1),
+    "timestep above the scale": ([*TRAIN, "--max-timestep", "1200"], None,
+                                 "Invalid value for '--max-timestep': 1200.0 is not in the range 0.0<=x<=1000.0", 2),
     "unknown family for train": ([*TRAIN, "--family", "hunyuan"], None,
                                  "unsupported model family 'hunyuan'; supported families: wan", 1),
     "unknown family for precompute": ([*PRECOMPUTE, "--family", "hunyuan"], None,

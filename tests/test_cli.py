@@ -113,10 +113,24 @@ def test_train_choices_show_on_the_command_line_and_bind_the_config():
     result = CliRunner().invoke(main, ["train", "--help"], prog_name="crepa", terminal_width=200)
     for option, choices in (("--optimizer", "adamw|adam|sgd"), ("--base-dtype", "bf16|fp16|fp32|fp8"),
                             ("--crepa-scheduler", "constant|linear|cosine|polynomial"),
-                            ("--mixed-precision", "no|bf16|fp16")):
+                            ("--mixed-precision", "no|bf16|fp16"),
+                            ("--timestep-sampling", "uniform|logit_normal|sigmoid|shift"),
+                            ("--report-to", "tensorboard|wandb|none")):
         assert re.search(rf"{option} \[{re.escape(choices)}\]", result.output), option
     with pytest.raises(ValueError, match=r"--optimizer='lion'; use one of adamw, adam, sgd"):
         TrainConfig(optimizer="lion")
+    flat = " ".join(result.output.split())
+    for option in ("--min-timestep FLOAT RANGE", "--max-timestep FLOAT RANGE", "--sigmoid-scale FLOAT RANGE",
+                   "--flow-shift FLOAT RANGE", "--save-every, --checkpointing-steps INTEGER RANGE",
+                   "--keep-last, --checkpoints-total-limit INTEGER RANGE"):
+        assert option in flat, option
+
+
+def test_config_files_take_the_diffusers_checkpoint_option_names(tmp_path):
+    from train.config import read_config_file
+
+    (tmp_path / "run.toml").write_text("checkpointing_steps = 7\ncheckpoints_total_limit = 2\n")
+    assert read_config_file(str(tmp_path / "run.toml")) == {"save_every": 7, "keep_last": 2}
 
 
 def test_a_full_fine_tune_refuses_the_comfyui_lora_export():

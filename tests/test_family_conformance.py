@@ -86,7 +86,7 @@ def block_input(transformer: torch.nn.Module, block: torch.nn.Module, inputs: di
 
 def train_config(family: str, cache: str, model: str, out: str, **kw) -> TrainConfig:
     options = dict(cache=cache, family=family, model=model, output_dir=out, crepa_block_index=1,
-                   learning_rate=1e-2, crepa_lambda=1.0, max_train_steps=2, checkpointing_steps=100,
+                   learning_rate=1e-2, crepa_lambda=1.0, max_train_steps=2, save_every=100,
                    dataloader_num_workers=0, report_to="none", lora_rank=4)
     return TrainConfig(**(options | kw))
 

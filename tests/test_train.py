@@ -21,13 +21,13 @@ from crepa.families.loading import load_pretrained
 from crepa.schedule import CrepaWeightSchedule
 from train.config import TrainConfig
 from train.data import BucketBatchSampler
-from train.flow_matching import sample_noise
+from train.flow_matching import TimestepSampling, sample_noise
 from train.trainer import StepParts, run_train, scheduler_settings, train_step
 
 
 def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
     options = dict(cache=cache, family="wan", model=models["wan"], output_dir=out, crepa_block_index=1,
-                   learning_rate=1e-3, max_train_steps=4, checkpointing_steps=100, dataloader_num_workers=0,
+                   learning_rate=1e-3, max_train_steps=4, save_every=100, dataloader_num_workers=0,
                    report_to="none", lora_rank=4)
     return TrainConfig(**(options | kw))
 
@@ -79,10 +79,33 @@ def test_drawn_sigmas_are_the_pipeline_schedulers(tmp_path, trained_cache, tiny_
     with torch.no_grad():
         train_step(parts, batch, 3, torch.device("cpu"))
     # the same per-clip draws before any shift (shift 1 is the identity), shifted by diffusers' own scheduler
-    _, raw = sample_noise(keys, (4, 3, 4, 6), cfg.seed, 3, "uniform", 1.0, 0.0, 1.0, torch.device("cpu"))
+    _, raw = sample_noise(keys, (4, 3, 4, 6), cfg.seed, 3, TimestepSampling("uniform"), torch.device("cpu"))
     reference = FlowMatchEulerDiscreteScheduler(shift=5.0)
     reference.set_timesteps(sigmas=raw.tolist())
     torch.testing.assert_close(seen["timestep"], reference.timesteps, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize(("scheme", "shift"), [("shift", 5.0), ("sigmoid", 1.0)])
+def test_the_transformer_gets_timesteps_of_the_asked_density_and_range(tmp_path, trained_cache, tiny_models, wan_720p,
+                                                                     scheme, shift):
+    cfg = train_config(trained_cache, tiny_models, str(tmp_path), model=wan_720p, crepa_enabled=False,
+                       timestep_sampling=scheme, min_timestep=300, max_timestep=450)
+    adapter = get_family("wan")
+    transformer = load_pretrained(adapter.transformer_class(), wan_720p, "transformer")
+    parts = StepParts(adapter, transformer, None, CrepaWeightSchedule(cfg.schedule_config()), cfg,
+                      scheduler_settings(cfg, adapter)[0])
+    seen = {}
+    transformer.register_forward_pre_hook(lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True)
+    keys = [f"clip{i}" for i in range(32)]
+    batch = {"keys": keys, "latents": torch.randn(32, 4, 3, 4, 6), "text": torch.randn(32, 5, 16),
+             "text_mask": torch.ones(32, 5, dtype=torch.bool)}
+    with torch.no_grad():
+        _, step_metrics = train_step(parts, batch, 3, torch.device("cpu"))
+    assert step_metrics["flow_shift"] == shift  # the scheduler's 5.0, which `sigmoid` does not apply
+    assert seen["timestep"].min() >= 300 - 1e-3 and seen["timestep"].max() <= 450 + 1e-3
+    sampling = TimestepSampling(scheme, 5.0, sigmoid_scale=cfg.sigmoid_scale, min_timestep=300, max_timestep=450)
+    _, sigmas = sample_noise(keys, (4, 3, 4, 6), cfg.seed, 3, sampling, torch.device("cpu"))
+    torch.testing.assert_close(seen["timestep"], sigmas * 1000, rtol=0, atol=0)
 
 
 def test_resume_equals_uninterrupted(tmp_path, trained_cache, tiny_models):

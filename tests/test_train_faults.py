@@ -118,7 +118,7 @@ def test_crepa_scores_and_backward_run_in_fp32_outside_autocast(tmp_path, traine
 def checkpointed_run(tmp_path_factory, trained_cache, tiny_models) -> str:
     """A 4-step run logging every step, with checkpoint-2 and checkpoint-4."""
     out = str(tmp_path_factory.mktemp("checkpointed") / "run")
-    run_train(train_config(trained_cache, tiny_models, out, checkpointing_steps=2, log_every=1))
+    run_train(train_config(trained_cache, tiny_models, out, save_every=2, log_every=1))
     return out
 
 
@@ -126,7 +126,7 @@ def resume_from_copy(tmp_path, run: str, trained_cache, tiny_models, **kw) -> st
     copy = str(tmp_path / "copy")
     shutil.copytree(run, copy)
     run_train(train_config(trained_cache, tiny_models, copy, resume=os.path.join(copy, "checkpoint-2"),
-                           checkpointing_steps=2, log_every=1, **kw))
+                           save_every=2, log_every=1, **kw))
     return copy
 
 

@@ -1,4 +1,5 @@
-"""Resumable checkpoints: trainable weights, projector, optimizer, schedules, RNG and data position."""
+"""Resumable checkpoints: trainable weights, projector, optimizer, schedules, RNG and data position, plus the
+weights in the format users load (the LoRA) so every checkpoint can be tried as it is."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -32,13 +34,18 @@ def save_projector(projector: nn.Module, folder: str) -> str:
 
 
 def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    trainer_state: dict, rank: int) -> None:
-    """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint."""
+                    trainer_state: dict, rank: int, export: Callable[[str], object] | None = None) -> None:
+    """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint.
+
+    `export(folder)` writes the usable weights (the LoRA files) into it on rank 0, inside that rename too.
+    """
     tmp = f"{folder}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        if export is not None:
+            export(tmp)
         if projector is not None:
             save_projector(projector, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},

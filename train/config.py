@@ -8,16 +8,16 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
 from crepa.errors import UserError
-from crepa.fields import check_fields, flag_name
+from crepa.fields import check_fields, flag_aliases, flag_name
 from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "sigmoid", "shift")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 BASE_DTYPES = ("bf16", "fp16", "fp32", "fp8")
 PROJECTORS = ("linear", "mlp")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 @dataclass
@@ -130,25 +130,37 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"min": 0})
     """Seed of data order, noise and timesteps."""
     timestep_sampling: str = field(default="logit_normal", metadata={"choices": TIMESTEP_SAMPLING})
-    """uniform or logit_normal sigma density."""
+    """Density of the noise level sigma = timestep/1000, with shift(s) = k*s/(1+(k-1)*s), k the flow shift:
+    uniform: shift(U(0,1)); logit_normal: shift(sigmoid(logit_mean + logit_std*N(0,1)));
+    sigmoid: sigmoid(sigmoid_scale*N(0,1)), not shifted; shift: shift(sigmoid(sigmoid_scale*N(0,1)))
+    (sigmoid and shift as musubi-tuner defines them). uniform, logit_normal and shift apply the flow shift."""
     logit_mean: float = 0.0
     """Mean of the logit-normal density."""
     logit_std: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Std of the logit-normal density."""
+    sigmoid_scale: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
+    """Scale of the normal draw in the sigmoid and shift densities (larger: more weight at both ends)."""
+    min_timestep: float = field(default=0.0, metadata={"min": 0.0, "max": 1000.0})
+    """Lowest timestep trained (0..1000, after the shift): the density is cut to [min, max], not squeezed into it."""
+    max_timestep: float = field(default=1000.0, metadata={"min": 0.0, "max": 1000.0})
+    """Highest timestep trained (0..1000, after the shift)."""
     flow_shift: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
-    """Sigma shift (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
+    """Flow shift k (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
     dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
 
     # checkpoints and logging
-    checkpointing_steps: int = field(default=500, metadata={"min": 1})
-    """Save a resumable checkpoint every N steps."""
-    checkpoints_total_limit: int | None = field(default=None, metadata={"min": 1})
-    """Keep at most this many checkpoints."""
+    save_every: int = field(default=500, metadata={"min": 1, "aliases": ("checkpointing-steps",)})
+    """Save checkpoint-N every N steps: resumable, with the LoRA as the final one is written."""
+    keep_last: int | None = field(default=None, metadata={"min": 1, "aliases": ("checkpoints-total-limit",)})
+    """Keep only the newest K checkpoints (default: all)."""
     resume: str | None = None
     """'latest' or a checkpoint folder to continue from."""
     report_to: str = field(default="tensorboard", metadata={"choices": REPORT_TO})
-    """tensorboard or none."""
+    """Tracker for the metrics, through accelerate: tensorboard (under logs/), wandb (pip install wandb) or none;
+    metrics.jsonl is written either way."""
+    tracker_project: str = "crepa"
+    """Tracker project: the wandb project, the tensorboard folder under logs/."""
     log_every: int = field(default=1, metadata={"min": 1})
     """Steps between logged points."""
 
@@ -164,6 +176,9 @@ class TrainConfig:
         if self.full and self.comfyui_export:
             raise UserError("--comfyui-export writes a LoRA, and a --full run trains the whole transformer (saved "
                              "under transformer/); drop --comfyui-export or --full")
+        if self.min_timestep >= self.max_timestep:
+            raise UserError(f"--min-timestep {self.min_timestep:g} must be below --max-timestep {self.max_timestep:g}",
+                            fix="both are on the 0..1000 timestep scale; lower --min-timestep or raise --max-timestep")
         self.schedule_config()  # validates the lambda schedule options
 
     def require_paths(self) -> None:
@@ -186,7 +201,7 @@ class TrainConfig:
 
 
 def read_config_file(path: str) -> dict:
-    """Options from a TOML or JSON file, checked against the known option names."""
+    """Options from a TOML or JSON file, checked against the known option names; aliases become the names."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path} does not exist", fix="check the path")
     with open(path, "rb") as f:
@@ -195,6 +210,8 @@ def read_config_file(path: str) -> dict:
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(str(error), where=path, fix="fix the syntax there") from None
     data = data.get("train", data)  # a TOML may keep options under [train]
+    aliases = {alias.replace("-", "_"): f.name for f in fields(TrainConfig) for alias in flag_aliases(f)}
+    data = {aliases.get(name, name): value for name, value in data.items()}
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

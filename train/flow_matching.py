@@ -3,22 +3,106 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
-def sample_sigmas(batch: int, scheme: str, shift: float, generator: torch.Generator, logit_mean: float = 0.0,
-                  logit_std: float = 1.0) -> torch.Tensor:
-    """(B,) noise levels in (0, 1): uniform or logit-normal, then the scheduler's shift.
+SHIFTED_SAMPLING = ("uniform", "logit_normal", "shift")
+"""Timestep densities that apply the model's flow shift; `sigmoid` is used as drawn."""
+FULL_RANGE = (0.0, 1000.0)
+"""The timestep scale; a narrower [min_timestep, max_timestep] cuts the density to it."""
 
-    shift s maps sigma to s*sigma / (1 + (s-1)*sigma), FlowMatchEulerDiscreteScheduler's static shift.
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """The density of a clip's noise level sigma = timestep / 1000, as a monotone map of one draw.
+
+    - uniform:      sigma = shift(u), u ~ U(0, 1)
+    - logit_normal: sigma = shift(sigmoid(logit_mean + logit_std * z)), z ~ N(0, 1)
+    - sigmoid:      sigma = sigmoid(sigmoid_scale * z), no shift (musubi-tuner's `sigmoid`)
+    - shift:        sigma = shift(sigmoid(sigmoid_scale * z)) (musubi-tuner's `shift`)
+
+    shift(s) = k*s / (1 + (k-1)*s) with k the flow shift, FlowMatchEulerDiscreteScheduler's static shift.
+    A timestep range narrower than [0, 1000] maps the draw to its quantile p (u itself, or Phi(z)), rescales p into
+    [F(min), F(max)], F being the density's CDF at sigma = timestep / 1000, and maps it back: sigma then follows the
+    density truncated to the range (what rejecting draws outside it would give, without a loop), rather than the
+    whole density squeezed into it (musubi-tuner's default).
     """
-    device = generator.device
-    if scheme == "uniform":
-        sigmas = torch.rand(batch, generator=generator, device=device)
-    else:
-        sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=device))
-    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+    scheme: str = "logit_normal"
+    flow_shift: float = 1.0
+    """The model's flow shift; only the schemes in SHIFTED_SAMPLING apply it."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0
+    min_timestep: float = 0.0
+    max_timestep: float = 1000.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, flow_shift: float) -> TimestepSampling:
+        return cls(cfg.timestep_sampling, flow_shift, cfg.logit_mean, cfg.logit_std, cfg.sigmoid_scale,
+                   cfg.min_timestep, cfg.max_timestep)
+
+    @property
+    def shift(self) -> float:
+        """The shift applied to the draws: the model's, or 1 (none) for `sigmoid`."""
+        return self.flow_shift if self.scheme in SHIFTED_SAMPLING else 1.0
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(B,) float32 sigmas in [min_timestep, max_timestep] / 1000, drawn from `generator`."""
+        device = generator.device
+        if self.scheme == "uniform":
+            draw = torch.rand(batch, generator=generator, device=device)
+        else:
+            draw = torch.randn(batch, generator=generator, device=device)
+        if (self.min_timestep, self.max_timestep) != FULL_RANGE:  # the full range keeps the draws bit for bit
+            draw = self._restrict(draw)
+        return self._sigma(draw).float()
+
+    def _normal(self) -> tuple[float, float]:
+        """(mean, std) of the logit before the shift, for the schemes that draw a normal."""
+        return (self.logit_mean, self.logit_std) if self.scheme == "logit_normal" else (0.0, self.sigmoid_scale)
+
+    def _sigma(self, draw: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "uniform":
+            sigma = draw
+        else:
+            mean, std = self._normal()
+            sigma = torch.sigmoid(mean + std * draw)
+        k = self.shift
+        return k * sigma / (1.0 + (k - 1.0) * sigma)
+
+    def _quantile(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The quantile of the draw that `_sigma` maps to `sigma`: the density's CDF at `sigma`."""
+        k = self.shift
+        sigma = sigma / (k - (k - 1.0) * sigma)  # the shift's inverse
+        if self.scheme == "uniform":
+            return sigma
+        mean, std = self._normal()
+        return torch.special.ndtr((torch.special.logit(sigma) - mean) / std)
+
+    def _restrict(self, draw: torch.Tensor) -> torch.Tensor:
+        """The draw moved, quantile for quantile, into the range's share of its distribution (float64: the normal
+        CDF and its inverse lose the tails in float32)."""
+        bounds = torch.tensor([self.min_timestep, self.max_timestep], dtype=torch.float64, device=draw.device)
+        low, high = self._quantile(bounds / 1000.0)
+        uniform = self.scheme == "uniform"
+        quantile = low + (high - low) * (draw.double() if uniform else torch.special.ndtr(draw.double()))
+        return quantile if uniform else torch.special.ndtri(quantile)
+
+
+def describe_timesteps(cfg: TrainConfig) -> str:
+    """The start-up line's account of the timestep density: "timesteps sigmoid(1.5 z) in [0, 500], not flow-shifted"."""
+    density = {"uniform": "uniform", "logit_normal": f"logit-normal({cfg.logit_mean:g}, {cfg.logit_std:g})",
+               "sigmoid": f"sigmoid({cfg.sigmoid_scale:g} z)", "shift": f"sigmoid({cfg.sigmoid_scale:g} z)"}
+    shifted = "flow-shifted" if cfg.timestep_sampling in SHIFTED_SAMPLING else "not flow-shifted"
+    bounds = (cfg.min_timestep, cfg.max_timestep)
+    cut = "" if bounds == FULL_RANGE else f" in [{bounds[0]:g}, {bounds[1]:g}]"
+    return f"timesteps {density[cfg.timestep_sampling]}{cut}, {shifted}"
 
 
 def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,12 +126,12 @@ def clip_generator(seed: int, step: int, key: str, device: torch.device) -> torc
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int, step: int, scheme: str, shift: float,
-                 logit_mean: float, logit_std: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int, step: int, sampling: TimestepSampling,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise (B, *shape), sigmas (B,)) for the clips `keys`, each drawn from its own `clip_generator`."""
     noises, sigmas = [], []
     for key in keys:
         generator = clip_generator(seed, step, key, device)
         noises.append(torch.randn(shape, generator=generator, device=device))
-        sigmas.append(sample_sigmas(1, scheme, shift, generator, logit_mean, logit_std))
+        sigmas.append(sampling.sample(1, generator))
     return torch.stack(noises), torch.cat(sigmas)

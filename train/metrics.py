@@ -1,44 +1,71 @@
-"""Training metrics: tensorboard, a JSONL log and a PNG of the curves at the end."""
+"""Training metrics: a JSONL log, the tracker asked for (through accelerate) and a PNG of the curves at the end."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from crepa.errors import UserError
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 PLOTTED = ("loss", "loss_flow", "crepa_loss", "crepa_alignment_score", "crepa_similarity_self", "crepa_weight", "lr",
            "grad_norm")
 
 
+def tracker_options(cfg: TrainConfig) -> dict:
+    """`Accelerator` keyword arguments that send `accelerator.log` to the `--report-to` tracker ({} for none).
+
+    Checked before the run starts: accelerate itself only warns when the tracker's package is missing.
+    """
+    if cfg.report_to == "none":
+        return {}
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise UserError("--report-to wandb needs the wandb package, which is not installed",
+                        fix="pip install wandb (then `wandb login`, or set WANDB_MODE=offline), "
+                            "or use --report-to tensorboard or none")
+    from accelerate.utils import ProjectConfiguration
+
+    return {"log_with": cfg.report_to,
+            "project_config": ProjectConfiguration(project_dir=cfg.output_dir,
+                                                   logging_dir=os.path.join(cfg.output_dir, "logs"))}
+
+
 class MetricsLog:
-    """Writes each logged step to tensorboard (when asked) and to metrics.jsonl.
+    """Writes each logged step to metrics.jsonl and to the accelerator's trackers (`tracker_options`), as train/<name>.
 
     A run starting at `start_step` (0, or the step it resumed from) first drops the rows logged after it,
-    so the steps it repeats are not logged twice.
+    so the steps it repeats are not logged twice (tensorboard likewise purges the events after it).
+    `accelerator.end_training()` closes the trackers.
     """
 
-    def __init__(self, output_dir: str, report_to: str, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.writer = None
-        if enabled and os.path.exists(self.path):
+    def __init__(self, cfg: TrainConfig, accelerator, start_step: int = 0):
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if self.enabled and os.path.exists(self.path):
             _cut(self.path, start_step)
-        if enabled and report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(output_dir, "logs"), purge_step=start_step + 1)
+        run_name = os.path.basename(os.path.abspath(cfg.output_dir))
+        accelerator.init_trackers(cfg.tracker_project, config=hyperparameters(cfg),
+                                  init_kwargs={"tensorboard": {"purge_step": start_step + 1},
+                                               "wandb": {"name": run_name}})
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+        self.accelerator.log({f"train/{name}": value for name, value in values.items()}, step=step)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+
+def hyperparameters(cfg: TrainConfig) -> dict:
+    """The run's options as trackers take them: lists joined with commas, unset options left out."""
+    return {name: ",".join(value) if isinstance(value, list) else value
+            for name, value in asdict(cfg).items() if value is not None}
 
 
 def _cut(path: str, step: int) -> None:

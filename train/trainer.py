@@ -21,10 +21,10 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
-from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
+from train.flow_matching import TimestepSampling, describe_timesteps, noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
-from train.metrics import MetricsLog, plot_curves
+from train.metrics import MetricsLog, plot_curves, tracker_options
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
 
 
@@ -83,17 +83,16 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
-    shift = parts.shift(latents.shape)
+    sampling = TimestepSampling.from_config(cfg, parts.shift(latents.shape))
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
-    noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
-                                 shift, cfg.logit_mean, cfg.logit_std, device)
+    noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, sampling, device)
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
                                               Conditioning.from_batch(batch, device))
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
-    metrics = {"crepa_weight": weight, "flow_shift": shift}
+    metrics = {"crepa_weight": weight, "flow_shift": sampling.shift}
     if not measure:  # no hook, no projector, no scores: a zero weight costs nothing
         prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
         loss = flow = F.mse_loss(prediction.float(), target.float())
@@ -196,7 +195,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, **tracker_options(cfg))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # LoRA and projector initialisation
@@ -249,8 +248,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
               f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
               f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params; "
-              f"{shift_source}")
-    log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=state.step)
+              f"{shift_source}; {describe_timesteps(cfg)}")
+    log = MetricsLog(cfg, accelerator, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
     wait_total, wall_start = 0.0, None
@@ -286,11 +285,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             log.log(state.step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", crepa=f"{values.get('crepa_alignment_score', 0):.3f}")
         bar.update(1)
-        if state.step % cfg.checkpointing_steps == 0 and state.step < max_steps:
-            _checkpoint(cfg, accelerator, state)
+        if state.step % cfg.save_every == 0 and state.step < max_steps:
+            _checkpoint(cfg, accelerator, state, adapter)
     bar.close()
-    log.close()
-    _checkpoint(cfg, accelerator, state)
+    _checkpoint(cfg, accelerator, state, adapter)
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
     result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
     if main:
@@ -298,8 +296,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         if cfg.full:
             model.save_pretrained(os.path.join(cfg.output_dir, "transformer"))
         else:
-            result.lora_path = save_lora(adapter, model, cfg.output_dir, cfg.lora_rank,
-                                         cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export)
+            result.lora_path = _save_lora(cfg, adapter, model, cfg.output_dir)
         if projector is not None:
             result.projector_path = save_projector(accelerator.unwrap_model(projector), cfg.output_dir)
         if os.path.exists(log.path):
@@ -309,15 +306,20 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState) -> None:
-    """checkpoint-<step> in the output folder, keeping the newest `checkpoints_total_limit`."""
-    save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"),
-                    model=accelerator.unwrap_model(state.transformer),
+def _save_lora(cfg: TrainConfig, adapter: FamilyAdapter, model: nn.Module, folder: str) -> str:
+    return save_lora(adapter, model, folder, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export)
+
+
+def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState, adapter: FamilyAdapter) -> None:
+    """checkpoint-<step> in the output folder, with the LoRA files of that step, keeping the newest `keep_last`."""
+    model = accelerator.unwrap_model(state.transformer)
+    save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"), model=model,
                     projector=accelerator.unwrap_model(state.projector) if state.projector is not None else None,
                     optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index,
-                    trainer_state=state.position())
+                    trainer_state=state.position(),
+                    export=None if cfg.full else lambda folder: _save_lora(cfg, adapter, model, folder))
     if accelerator.is_main_process:
-        prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
+        prune_checkpoints(cfg.output_dir, cfg.keep_last)
 
 
 def _resume(cfg: TrainConfig, accelerator, state: TrainState) -> None:

@@ -187,8 +187,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     summary.wall_seconds = time.perf_counter() - start
     store.write_report(f"precompute-{time.strftime('%Y%m%d-%H%M%S')}-rank{rank}", {
         "config": asdict(config), "planned": summary.planned, "planned_images": summary.planned_images,
-        "computed": summary.computed,
-        "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
+        "computed": summary.computed, "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
         "forward_seconds": summary.forward_seconds, "load_seconds": summary.load_seconds,
         "wall_seconds": summary.wall_seconds,
     })

@@ -25,7 +25,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-SOURCE_KINDS = ("video_directory", "video_jsonl_file", "hf_dataset", "webdataset")
+SOURCE_KINDS = ("video_directory", "video_jsonl_file", "image_directory", "image_jsonl_file", "hf_dataset",
+                "webdataset")
+IMAGE_FIELDS = {"hf_dataset": "image_column", "webdataset": "image_extension"}
+"""The field that makes a table of these sources a table of images (set instead of the video one)."""
+VIDEO_ONLY_FIELDS = ("target_frames", "frame_extraction", "frame_stride", "frame_sample", "max_frames", "source_fps",
+                     "video_column", "video_extension")
+"""Fields that mean nothing for an image (a clip of one frame): refused in an image table, ignored from [general]."""
 FRAME_EXTRACTIONS = ("head", "chunk", "slide", "uniform")
 CROPS = ("center", "none")
 MAX_FRAME_COUNT = 100_000
@@ -50,7 +56,8 @@ class DatasetConfig:
     resolutions: list[tuple[int, int]]
     """(width, height) buckets; each clip goes to the bucket whose aspect ratio is closest to its own."""
     target_frames: list[int]
-    """Pixel frames per clip; each is t_c*k+1 for the model's temporal compression t_c (Wan: 4k+1)."""
+    """Pixel frames per clip; each is t_c*k+1 for the model's temporal compression t_c (Wan: 4k+1); [1] for
+    images."""
     frame_extraction: str = "head"
     """head: first target_frames; chunk: consecutive non-overlapping chunks; slide: a window every
     `frame_stride` frames; uniform: `frame_sample` windows spread evenly over the video."""
@@ -71,15 +78,23 @@ class DatasetConfig:
     video_directory: str | None = None
     """Folder of videos (searched recursively) with sidecar caption files of the same stem."""
     caption_extension: str = ".txt"
-    """Extension of the sidecar caption files in `video_directory`."""
+    """Extension of the sidecar caption files in `video_directory` or `image_directory`."""
     video_jsonl_file: str | None = None
     """JSON-lines file of {"video_path": ..., "caption": ...}; relative paths are resolved against its folder."""
+    image_directory: str | None = None
+    """Folder of images (jpg, png, webp; searched recursively) with sidecar caption files of the same stem; each
+    image is cached as a clip of one frame."""
+    image_jsonl_file: str | None = None
+    """JSON-lines file of {"image_path": ..., "caption": ...}; relative paths are resolved against its folder."""
     hf_dataset: str | None = None
     """Folder written by `datasets.save_to_disk`, or a name for `datasets.load_dataset`."""
     hf_split: str = "train"
     """Split of `hf_dataset` to read."""
     video_column: str = "video"
     """Column of `hf_dataset` holding a video path or a {"bytes", "path"} dict."""
+    image_column: str | None = None
+    """Column of `hf_dataset` holding an image path or a {"bytes", "path"} dict (a `datasets.Image` column is read
+    without decoding); set instead of `video_column` for a dataset of images."""
     caption_column: str = "caption"
     """Column of `hf_dataset` holding the caption."""
     webdataset: list[str] | None = None
@@ -87,6 +102,9 @@ class DatasetConfig:
     stored expanded."""
     video_extension: str = "mp4"
     """Member extension of the video in each webdataset sample."""
+    image_extension: str | None = None
+    """Member extension of the image in each webdataset sample (jpg, png, webp); set instead of `video_extension`
+    for shards of images."""
     caption_key: str = "txt"
     """Member extension of the caption in each webdataset sample."""
     origin: str = ""
@@ -96,6 +114,18 @@ class DatasetConfig:
     def source_kind(self) -> str:
         """Which of SOURCE_KINDS this dataset reads."""
         return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def images(self) -> bool:
+        """True when the dataset holds images: each becomes a clip of one frame (target_frames is [1])."""
+        kind = self.source_kind
+        field = IMAGE_FIELDS.get(kind)
+        return kind.startswith("image_") or (field is not None and getattr(self, field) is not None)
+
+    @property
+    def medium(self) -> str:
+        """"image" or "video", for messages."""
+        return "image" if self.images else "video"
 
 
 @dataclass
@@ -201,6 +231,14 @@ def _build_dataset(general: dict, table: dict, origin: str, base_dir: Path, temp
         count = f"has {len(sources)} sources ({listed})" if sources else "has no source"
         raise DatasetConfigError(f"{origin} {count}; set exactly one of {', '.join(SOURCE_KINDS)}")
     kind = sources[0]
+    images = kind.startswith("image_") or IMAGE_FIELDS.get(kind) in merged
+    if images:
+        reads = kind if kind.startswith("image_") else f"{kind} with {IMAGE_FIELDS[kind]}"
+        for field in VIDEO_ONLY_FIELDS:
+            if field in table:
+                raise fail(field, f"applies to videos only, and this table reads images ({reads}), each a clip "
+                                  "of one frame; remove it")
+        merged = {key: value for key, value in merged.items() if key not in VIDEO_ONLY_FIELDS}
 
     if "resolutions" not in merged:
         raise DatasetConfigError(f"{origin}: set `resolutions = [[width, height], ...]` (e.g. [[832, 480]])")
@@ -208,7 +246,43 @@ def _build_dataset(general: dict, table: dict, origin: str, base_dir: Path, temp
     if not isinstance(value, list) or not value:
         raise fail("resolutions", "must be a non-empty list of [width, height] pairs, e.g. [[832, 480]]")
     resolutions = list(dict.fromkeys(_resolution(item, fail) for item in value))
+    # an image is one pixel frame: 1 = t_c*0+1 for every temporal compression, and one latent frame
+    target_frames = [1] if images else _target_frames(merged, origin, fail, temporal_compression)
 
+    values: dict[str, Any] = {}
+    for field, check, hint in _FIELD_CHECKS:
+        if field in merged:
+            value = merged[field]
+            if not check(value):
+                choices = _CHOICES.get(field)
+                raise fail(field, f"is {value!r}{_suggest(str(value), choices) if choices else ''}; it must be {hint}")
+            values[field] = value
+    if "source_fps" in values:
+        values["source_fps"] = float(values["source_fps"])
+    if values.get("max_frames") is not None and values["max_frames"] < min(target_frames):
+        raise fail(
+            "max_frames",
+            f"is {values['max_frames']}, below the smallest target_frames ({min(target_frames)}), "
+            "so no clip would fit; raise it or lower target_frames",
+        )
+    if "caption_extension" in values and not values["caption_extension"].startswith("."):
+        values["caption_extension"] = "." + values["caption_extension"]
+    for field in ("video_extension", "image_extension", "caption_key"):
+        if field in values:
+            values[field] = values[field].lstrip(".")
+
+    values[kind], default_name = _resolve_source(kind, merged[kind], base_dir, fail)
+    return DatasetConfig(
+        name=values.pop("name", default_name),
+        resolutions=resolutions,
+        target_frames=target_frames,
+        origin=origin,
+        **values,
+    )
+
+
+def _target_frames(merged: dict, origin: str, fail: _Fail, temporal_compression: int) -> list[int]:
+    """The table's target_frames, each checked to be t_c*k+1, without repeats."""
     if "target_frames" not in merged:
         raise DatasetConfigError(
             f"{origin}: set `target_frames`, e.g. [{4 * temporal_compression + 1}] "
@@ -229,38 +303,7 @@ def _build_dataset(general: dict, table: dict, origin: str, base_dir: Path, temp
                 f"value {frames} is not {temporal_compression}k+1 (the model compresses time by "
                 f"{temporal_compression}); use {nearest}",
             )
-    target_frames = list(dict.fromkeys(target_frames))
-
-    values: dict[str, Any] = {}
-    for field, check, hint in _FIELD_CHECKS:
-        if field in merged:
-            value = merged[field]
-            if not check(value):
-                choices = _CHOICES.get(field)
-                raise fail(field, f"is {value!r}{_suggest(str(value), choices) if choices else ''}; it must be {hint}")
-            values[field] = value
-    if "source_fps" in values:
-        values["source_fps"] = float(values["source_fps"])
-    if values.get("max_frames") is not None and values["max_frames"] < min(target_frames):
-        raise fail(
-            "max_frames",
-            f"is {values['max_frames']}, below the smallest target_frames ({min(target_frames)}), "
-            "so no clip would fit; raise it or lower target_frames",
-        )
-    if "caption_extension" in values and not values["caption_extension"].startswith("."):
-        values["caption_extension"] = "." + values["caption_extension"]
-    for field in ("video_extension", "caption_key"):
-        if field in values:
-            values[field] = values[field].lstrip(".")
-
-    values[kind], default_name = _resolve_source(kind, merged[kind], base_dir, fail)
-    return DatasetConfig(
-        name=values.pop("name", default_name),
-        resolutions=resolutions,
-        target_frames=target_frames,
-        origin=origin,
-        **values,
-    )
+    return list(dict.fromkeys(target_frames))
 
 
 def _is_int(value: Any) -> bool:
@@ -295,8 +338,10 @@ _FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("caption_extension", _is_text, "a file extension such as '.txt'"),
     ("hf_split", _is_text, "a split name such as 'train'"),
     ("video_column", _is_text, "a column name"),
+    ("image_column", _is_text, "a column name"),
     ("caption_column", _is_text, "a column name"),
     ("video_extension", _is_text, "a member extension such as 'mp4'"),
+    ("image_extension", _is_text, "a member extension such as 'jpg'"),
     ("caption_key", _is_text, "a member extension such as 'txt'"),
 )
 
@@ -340,11 +385,11 @@ def _resolve_source(kind: str, value: Any, base_dir: Path, fail: _Fail) -> tuple
     if _is_url(value):
         return value, Path(value).stem
     path = _local_path(value, base_dir)
-    if kind == "video_directory" and not path.is_dir():
+    if kind.endswith("_directory") and not path.is_dir():
         raise fail(kind, f"folder {path} does not exist; fix the path (relative paths start at {base_dir})")
-    if kind == "video_jsonl_file" and not path.is_file():
+    if kind.endswith("_jsonl_file") and not path.is_file():
         raise fail(kind, f"file {path} does not exist; fix the path (relative paths start at {base_dir})")
-    return str(path), path.stem if kind == "video_jsonl_file" else path.name
+    return str(path), path.stem if kind.endswith("_jsonl_file") else path.name
 
 
 def _expand_shards(pattern: str, base_dir: Path, fail: _Fail) -> list[str]:

@@ -73,8 +73,7 @@ def decode_segment(source: VideoSource, frame_indices: Sequence[int], bucket: tu
         stream = container.streams.video[0]
         for index, frame in _indexed_frames(container, stream, first):
             if index in wanted:
-                image = frame.to_image()
-                images[index] = image.resize(bucket, Image.Resampling.LANCZOS, box=_crop_box(image.size, bucket, crop))
+                images[index] = fit_to_bucket(frame.to_image(), bucket, crop)
             if index >= last:
                 break
     missing = sorted(wanted - images.keys())
@@ -109,6 +108,12 @@ def _indexed_frames(
                 return
         container.seek(origin, stream=stream, backward=True)
     yield from enumerate(container.decode(stream))
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], crop: str) -> Image.Image:
+    """`image` resized to `bucket` (width, height) in one LANCZOS pass, after a centre crop to the bucket's aspect
+    (crop="center") or stretched (crop="none")."""
+    return image.resize(bucket, Image.Resampling.LANCZOS, box=_crop_box(image.size, bucket, crop))
 
 
 def _crop_box(size: tuple[int, int], bucket: tuple[int, int], crop: str) -> tuple[float, float, float, float]:

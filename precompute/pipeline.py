@@ -39,7 +39,7 @@ from crepa.families import FamilyAdapter, get_family
 from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
 from precompute.dataset_config import DatasetConfig, load_dataset_config
-from precompute.decode import DecodePool, DecodeResult, DecodeTask
+from precompute.decode import DecodePool, DecodeResult
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
 from precompute.models import Timer, compute_dtype, load_text_encoders, load_vae, precompute_device, resident
 from precompute.output import disk_full, is_disk_full, open_output
@@ -55,6 +55,8 @@ class PrecomputeSummary:
     """What a run did, for the end-of-run table and the report stored in the cache."""
 
     planned: int = 0
+    planned_images: int = 0
+    """How many of the planned clips are images (clips of one frame)."""
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
@@ -150,7 +152,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key.
     my_captions = dict(sorted({clip.text_key: clip.caption for clip in mine}.items()))
     todo = _missing(store, sets, mine, my_captions, config.regenerate)
-    summary = PrecomputeSummary(planned=len(mine), skipped=skipped)
+    summary = PrecomputeSummary(planned=len(mine), planned_images=sum(clip.image for clip in mine), skipped=skipped)
     summary.computed = {kind: len(keys) for kind, keys in todo.items()}
     summary.reused = {"latents": len(mine) - len(todo["latents"]), "text": len(my_captions) - len(todo["text"]),
                       "teacher": 0 if sets.teacher is None else len(mine) - len(todo["teacher"])}
@@ -161,8 +163,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
         return summary
 
     timers = Timers()
-    tasks = [DecodeTask(task_id=i, source=c.video, frame_indices=c.frame_indices, size=(c.width, c.height),
-                        crop=c.crop) for i, c in enumerate(video_clips)]
+    tasks = [clip.decode_task(i) for i, clip in enumerate(video_clips)]
     try:
         with DecodePool(config.decode_workers, config.decode_timeout) as pool:
             decoded = pool.map(tasks)  # workers start decoding now, behind the text stage and the model loading
@@ -185,8 +186,8 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     summary.load_seconds = timers.load.seconds
     summary.wall_seconds = time.perf_counter() - start
     store.write_report(f"precompute-{time.strftime('%Y%m%d-%H%M%S')}-rank{rank}", {
-        "config": asdict(config), "planned": summary.planned, "computed": summary.computed,
-        "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
+        "config": asdict(config), "planned": summary.planned, "planned_images": summary.planned_images,
+        "computed": summary.computed, "reused": summary.reused, "skipped": [asdict(s) for s in summary.skipped],
         "forward_seconds": summary.forward_seconds, "load_seconds": summary.load_seconds,
         "wall_seconds": summary.wall_seconds,
     })

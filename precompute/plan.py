@@ -8,14 +8,16 @@ from functools import partial
 from crepa.cache.keys import clip_key, text_key
 from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
-from precompute.decode import VideoSource
-from precompute.sampling import Segment, bucket_name, choose_bucket, plan_segments, probe_video
+from precompute.decode import DecodeTask, VideoSource
+from precompute.images import ImageTask, image_size
+from precompute.sampling import Segment, VideoInfo, bucket_name, choose_bucket, plan_segments, probe_video
 from precompute.sources import VideoItem, iter_videos
 
 
 @dataclass
 class PlannedClip:
-    """One segment of one video, resized into one bucket: the unit of the cache."""
+    """One segment of one video (or one image, a clip of one frame), resized into one bucket: the unit of the
+    cache."""
 
     key: str
     """Clip key: source identity + segment + bucket + crop."""
@@ -23,21 +25,31 @@ class PlannedClip:
     source: str
     """Display name of the video (path or member name)."""
     video: VideoSource
-    """What PyAV opens: a path/URL, or a reference to a tar member or dataset row (never the bytes)."""
+    """What PyAV (PIL for an image) opens: a path/URL, or a reference to a tar member or dataset row (never the
+    bytes)."""
     caption: str
     text_key: str
     frames: int
     height: int
     width: int
     frame_indices: tuple[int, ...]
-    fps: float
-    """Frame rate of the sampled frames: the dataset's source_fps when it resamples, else the video's."""
+    fps: float | None
+    """Frame rate of the sampled frames: the dataset's source_fps when it resamples, else the video's; None for an
+    image."""
     crop: str
     num_repeats: int
+    image: bool = False
+    """An image (decoded with PIL), not a video segment."""
 
     @property
     def group(self) -> str:
         return bucket_name(self.frames, self.height, self.width)
+
+    def decode_task(self, task_id: int) -> DecodeTask:
+        """The decode pool's task for this clip's frames, resized into its bucket."""
+        task = ImageTask if self.image else DecodeTask
+        return task(task_id=task_id, source=self.video, frame_indices=self.frame_indices,
+                    size=(self.width, self.height), crop=self.crop)
 
     def manifest_entry(self) -> dict:
         """What the cache records about the clip (everything but the video bytes)."""
@@ -107,15 +119,23 @@ def _plan_video(item: VideoItem, dataset: DatasetConfig, text_identity: dict,
     if reason is not None:
         return source, reason
     try:
-        info = probe_video(item.probe_source)
-    except Exception as error:  # a corrupt container fails here; the run goes on without it
-        return source, f"cannot read video: {error}"
+        info = _probe(item, dataset)
+    except Exception as error:  # a corrupt container or image fails here; the run goes on without it
+        return source, f"cannot read {dataset.medium}: {error}"
     segments = plan_segments(info, dataset)
     if not segments.segments:
         return source, segments.reason
     width, height = choose_bucket(info.width, info.height, dataset.resolutions)
     return source, [_clip(item, dataset, segment, width, height, text_identity, text_max_length)
                     for segment in segments.segments]
+
+
+def _probe(item: VideoItem, dataset: DatasetConfig) -> VideoInfo:
+    """What planning needs to know about the video; an image is a video of one frame without a frame rate."""
+    if dataset.images:
+        width, height = image_size(item.probe_source)
+        return VideoInfo(num_frames=1, fps=None, width=width, height=height)
+    return probe_video(item.probe_source)
 
 
 def _unusable(item: VideoItem, dataset: DatasetConfig) -> str | None:
@@ -132,11 +152,12 @@ def _unusable(item: VideoItem, dataset: DatasetConfig) -> str | None:
 def _clip(item: VideoItem, dataset: DatasetConfig, segment: Segment, width: int, height: int, text_identity: dict,
           text_max_length: int) -> PlannedClip:
     bucket = {"frames": segment.num_frames, "height": height, "width": width, "crop": dataset.crop}
+    frames = {"frames": list(segment.frame_indices)} | ({"image": True} if dataset.images else {})
     return PlannedClip(
-        key=clip_key(item.identity, {"frames": list(segment.frame_indices)}, bucket),
+        key=clip_key(item.identity, frames, bucket),
         dataset=dataset.name, source=item.name, video=item.video, caption=item.caption,
         text_key=text_key(item.caption, text_identity, text_max_length),
         frames=segment.num_frames, height=height, width=width,
         frame_indices=tuple(segment.frame_indices), fps=segment.fps, crop=dataset.crop,
-        num_repeats=dataset.num_repeats,
+        num_repeats=dataset.num_repeats, image=dataset.images,
     )

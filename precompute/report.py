@@ -38,17 +38,23 @@ def skip_counts(summary: PrecomputeSummary) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def planned_line(summary: PrecomputeSummary) -> str:
+    """"5 clips planned", with how many are images when some are: "5 clips planned (2 of them images)"."""
+    images = f" ({summary.planned_images} of them image{'s' * (summary.planned_images != 1)})"
+    return f"{summary.planned} clips planned" + (images if summary.planned_images else "")
+
+
 def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
     echo = click.echo
     if config.dry_run:
-        echo(f"dry run: {summary.planned} clips planned")
+        echo(f"dry run: {planned_line(summary)}")
         for kind in ("text", "latents", "teacher"):
             size = summary.estimated_bytes.get(kind)
             extra = f", about {human_bytes(size)} uncompressed" if size else ""
             echo(f"  {kind:8} to compute {summary.computed.get(kind, 0):6}  already cached "
                  f"{summary.reused.get(kind, 0):6}{extra}")
         return
-    echo(f"planned {summary.planned} clips")
+    echo(planned_line(summary))
     for kind in ("text", "latents", "teacher"):
         echo(f"  {kind:8} computed {summary.computed.get(kind, 0):6}  reused {summary.reused.get(kind, 0):6}")
     if summary.forward_seconds:

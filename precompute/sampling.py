@@ -20,8 +20,8 @@ class VideoInfo:
 
     num_frames: int
     """Frames in the first video stream."""
-    fps: float
-    """Its nominal frame rate."""
+    fps: float | None
+    """Its nominal frame rate; None for an image."""
     width: int
     """Frame width in pixels."""
     height: int
@@ -36,8 +36,8 @@ class Segment:
     """First frame of the window, counted at `fps` (after resampling)."""
     num_frames: int
     """Frames in the window: one of target_frames."""
-    fps: float
-    """Frame rate of the clip: source_fps when set, else the video's."""
+    fps: float | None
+    """Frame rate of the clip: source_fps when set, else the video's (None for an image)."""
     frame_indices: tuple[int, ...]
     """The source frame decoded for each clip frame (repeats when upsampling the frame rate)."""
 

@@ -1,4 +1,4 @@
-"""Sources: one dataset config -> its videos, each with a stable identity and its caption.
+"""Sources: one dataset config -> its videos (or images), each with a stable identity and its caption.
 
 A missing caption does not stop iteration: it is reported on the item so the run can skip the video and list
 it. A source that cannot be read at all (bad JSON line, missing column, missing file) raises, naming the line,
@@ -27,6 +27,7 @@ from crepa.cache.keys import bytes_identity, file_identity
 from crepa.errors import UserError
 from precompute.dataset_config import DatasetConfig
 from precompute.decode import VideoSource
+from precompute.images import IMAGE_EXTENSIONS
 from precompute.video_refs import DatasetRow, ShardMember, hf_split, video_column
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".gif")
@@ -34,7 +35,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".m
 
 @dataclass(frozen=True)
 class VideoItem:
-    """One video of a dataset, ready to probe and decode."""
+    """One video (or image, in a dataset of images) of a dataset, ready to probe and decode."""
 
     dataset: str
     """Name of the dataset it comes from."""
@@ -72,6 +73,8 @@ def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1,
     readers = {
         "video_directory": _directory_items,
         "video_jsonl_file": _jsonl_items,
+        "image_directory": _directory_items,
+        "image_jsonl_file": _jsonl_items,
         "hf_dataset": _hf_items,
         "webdataset": _webdataset_items,
     }
@@ -81,7 +84,8 @@ def iter_videos(dataset: DatasetConfig, rank: int = 0, world: int = 1,
         if dealt.setdefault(location, len(dealt) % world) == rank:
             yield make_item()
     if not listed:
-        raise UserError(f"{dataset.origin}: dataset {dataset.name!r} holds no videos; check its {dataset.source_kind}")
+        raise UserError(f"{dataset.origin}: dataset {dataset.name!r} holds no {dataset.medium}s; check its "
+                        f"{dataset.source_kind}")
 
 
 _Lazy = Iterator[tuple[str, Callable[[], VideoItem]]]
@@ -100,11 +104,12 @@ def _caption_file(video: Path, extension: str) -> tuple[str | None, str | None]:
 
 
 def _directory_items(dataset: DatasetConfig) -> _Lazy:
-    root = Path(dataset.video_directory)
+    root = Path(getattr(dataset, dataset.source_kind))
+    extensions = IMAGE_EXTENSIONS if dataset.images else VIDEO_EXTENSIONS
     videos = sorted(
         path
         for path in root.rglob("*")
-        if path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+        if path.suffix.lower() in extensions and not path.name.startswith(".")
         and (path.is_file() or _is_broken_link(path))
     )
 
@@ -126,18 +131,20 @@ def _is_broken_link(path: Path) -> bool:
 
 
 def _jsonl_items(dataset: DatasetConfig) -> _Lazy:
-    jsonl = dataset.video_jsonl_file
+    jsonl = getattr(dataset, dataset.source_kind)
     folder = posixpath.dirname(jsonl) if "://" in jsonl else os.path.dirname(jsonl)
+    path_key = f"{dataset.medium}_path"
 
     def item(record: dict, where: str) -> VideoItem:
-        video_path = record["video_path"]
+        video_path = record[path_key]
         path = _resolve(video_path, folder)
         caption, error = record.get("caption"), None
         if not isinstance(caption, str):
             caption, error = None, f'{where} has no "caption" string; add one'
         else:
             caption = caption.strip()
-        return VideoItem(dataset.name, video_path, _identity_of_path(path, where), caption, error, path)
+        return VideoItem(dataset.name, video_path, _identity_of_path(path, where, dataset.medium), caption, error,
+                         path)
 
     with fsspec.open(jsonl, "r", encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -148,9 +155,9 @@ def _jsonl_items(dataset: DatasetConfig) -> _Lazy:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{where} is not valid JSON ({error}); fix or remove the line") from None
-            if not isinstance(record, dict) or not isinstance(record.get("video_path"), str):
-                raise UserError(f'{where} has no "video_path" string; each line needs {{"video_path", "caption"}}')
-            location = _resolve(record["video_path"], folder)
+            if not isinstance(record, dict) or not isinstance(record.get(path_key), str):
+                raise UserError(f'{where} has no "{path_key}" string; each line needs {{"{path_key}", "caption"}}')
+            location = _resolve(record[path_key], folder)
             yield (location if "://" in location else os.path.abspath(location),
                    lambda record=record, where=where: item(record, where))
 
@@ -162,11 +169,11 @@ def _resolve(path: str, folder: str | None) -> str:
     return posixpath.join(folder, path) if "://" in folder else os.path.join(folder, path)
 
 
-def _identity_of_path(path: str, where: str) -> dict:
+def _identity_of_path(path: str, where: str, medium: str) -> dict:
     try:
         return file_identity(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: video {path} does not exist; fix the path or remove the entry") from None
+        raise FileNotFoundError(f"{where}: {medium} {path} does not exist; fix the path or remove the entry") from None
 
 
 def _hf_items(dataset: DatasetConfig) -> _Lazy:
@@ -175,35 +182,37 @@ def _hf_items(dataset: DatasetConfig) -> _Lazy:
         loaded = hf_split(dataset.hf_dataset, dataset.hf_split)
     except ValueError as error:
         raise UserError(f"{dataset.origin}: {error}") from None
-    for field in ("video_column", "caption_column"):
+    media_field = f"{dataset.medium}_column"
+    media = getattr(dataset, media_field)
+    for field in (media_field, "caption_column"):
         column = getattr(dataset, field)
         if column not in loaded.column_names:
             raise UserError(
                 f"{dataset.origin}: {field} {column!r} is not a column of {dataset.hf_dataset}; "
                 f"columns: {', '.join(loaded.column_names)}"
             )
-    videos = video_column(dataset.hf_dataset, dataset.hf_split, dataset.video_column)
+    videos = video_column(dataset.hf_dataset, dataset.hf_split, media)
     captions = loaded.select_columns([dataset.caption_column])
 
     def item(row: int) -> VideoItem:
         where = f"{dataset.hf_dataset} row {row}"
-        value = videos[row][dataset.video_column]
+        value = videos[row][media]
         if isinstance(value, dict) and value.get("bytes"):
             name = value.get("path") or f"{dataset.name}[{row}]"
-            video = DatasetRow(dataset.hf_dataset, dataset.hf_split, dataset.video_column, row)
+            video = DatasetRow(dataset.hf_dataset, dataset.hf_split, media, row)
             data = value["bytes"]
         else:
             data = None
             name = value.get("path") if isinstance(value, dict) else value
             if not isinstance(name, str) or not name:
-                raise UserError(f"{where}: column {dataset.video_column!r} holds no video path or bytes")
+                raise UserError(f"{where}: column {media!r} holds no {dataset.medium} path or bytes")
             video = _resolve(name, str(local) if local.exists() else None)
         caption, error = captions[row][dataset.caption_column], None
         if not isinstance(caption, str):
             caption, error = None, f"{where} has no caption in column {dataset.caption_column!r}; fill it in"
         else:
             caption = caption.strip()
-        identity = _identity_of_path(video, where) if data is None else bytes_identity(data, name)
+        identity = _identity_of_path(video, where, dataset.medium) if data is None else bytes_identity(data, name)
         return VideoItem(dataset.name, name, identity, caption, error, video, data=data)
 
     for row in range(len(loaded)):
@@ -219,12 +228,14 @@ def _webdataset_items(dataset: DatasetConfig) -> _Lazy:
 
 def _webdataset_item(dataset: DatasetConfig, shard: str, key: str, members: dict[str, ShardMember]) -> VideoItem:
     name = f"{PurePosixPath(shard).name}/{key}"
-    video = members.get(dataset.video_extension)
+    extension_field = f"{dataset.medium}_extension"
+    extension = getattr(dataset, extension_field)
+    video = members.get(extension)
     if video is None:
         listing = ", ".join(sorted(members))
         raise UserError(
-            f"{dataset.origin}: sample {name} has no .{dataset.video_extension} member (it has: {listing}); "
-            "set video_extension to the member holding the video"
+            f"{dataset.origin}: sample {name} has no .{extension} member (it has: {listing}); "
+            f"set {extension_field} to the member holding the {dataset.medium}"
         )
     caption, error = None, None
     with fsspec.open(shard, "rb") as stream:  # one open per sample: its caption and video

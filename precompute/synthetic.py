@@ -1,4 +1,4 @@
-"""Synthetic videos for the demo and the tests: real mp4 files, no download."""
+"""Synthetic videos and images for the demo and the tests: real mp4, png, jpeg and webp files, no download."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_interval: int | None = None) -> None:
@@ -75,3 +76,26 @@ def write_captioned_clips(folder: Path, count: int = 4, frames: int = 17, height
         clip = moving_shapes_clip(frames, height, width, seed=index)
         write_video(str(folder / f"clip_{index:02d}.mp4"), clip, fps=16)
         (folder / f"clip_{index:02d}.txt").write_text(DEMO_CAPTIONS[index % len(DEMO_CAPTIONS)] + "\n")
+
+
+def write_image(path: str | Path, pixels: np.ndarray, orientation: int = 1) -> None:
+    """Save uint8 (H, W, 3) RGB or (H, W, 4) RGBA `pixels` with PIL in the format the file extension names.
+    `orientation` other than 1 records that EXIF orientation: the pixels are stored as given, a viewer turns them."""
+    options = {}
+    if orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif
+    Image.fromarray(pixels).save(str(path), **options)
+
+
+def write_captioned_images(folder: Path, sizes: list[tuple[int, int]], extension: str = ".png") -> list[Path]:
+    """One image of shapes per (width, height) in `sizes`, each with a sidecar caption; returns the image paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, (width, height) in enumerate(sizes):
+        path = folder / f"image_{index:02d}{extension}"
+        write_image(path, moving_shapes_clip(1, height, width, seed=100 + index)[0])
+        path.with_suffix(".txt").write_text(f"a still of shapes, {width}x{height}\n")
+        paths.append(path)
+    return paths

@@ -1,4 +1,4 @@
-"""References to encoded videos stored inside bigger files: tar shard members and dataset rows.
+"""References to encoded videos (or images) stored inside bigger files: tar shard members and dataset rows.
 
 Plans and decode tasks carry these instead of the videos' bytes, so a rank's resident memory holds only the
 videos being probed or decoded, not its whole share of the dataset. They pickle to a few hundred bytes, and
@@ -71,10 +71,12 @@ def hf_split(dataset: str, split: str):
 
 @functools.lru_cache(maxsize=8)
 def video_column(dataset: str, split: str, column: str):
-    """Only `column` of the split, with Video features as {"bytes", "path"} dicts (PyAV decodes, not `datasets`)."""
+    """Only `column` of the split, with Video and Image features as {"bytes", "path"} dicts (PyAV and PIL decode,
+    not `datasets`)."""
     import datasets
 
     rows = hf_split(dataset, split).select_columns([column])
-    if isinstance(rows.features[column], datasets.Video):
-        rows = rows.cast_column(column, datasets.Video(decode=False))
+    feature = rows.features[column]
+    if isinstance(feature, datasets.Video | datasets.Image):
+        rows = rows.cast_column(column, type(feature)(decode=False))
     return rows

@@ -198,3 +198,30 @@ def test_the_skipped_list_counts_empty_captions_and_duplicates():
                                          Skipped("t/c.mp4", "cannot read video: broken")])
     assert skip_counts(summary) == " (2 empty captions, 1 duplicate)"
     assert skip_counts(PrecomputeSummary(skipped=[Skipped("t/c.mp4", "too short")])) == ""
+
+
+def test_bad_images_are_skipped_with_reasons_and_strict_stops_at_one(tmp_path, tiny_models):
+    from precompute.synthetic import write_captioned_images
+
+    folder = tmp_path / "stills"
+    good, cut, _ = write_captioned_images(folder, [(64, 48), (96, 72), (48, 64)], extension=".png")
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])  # the header reads, the pixels end early
+    (folder / "noise.jpg").write_bytes(os.urandom(4096))
+    (folder / "noise.txt").write_text("noise")
+    (folder / "image_02.txt").unlink()
+    os.symlink(tmp_path / "gone.png", folder / "link.png")
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text('[[datasets]]\nname = "s"\nimage_directory = "stills"\nresolutions = [[64, 48], [48, 64]]\n')
+    out = str(tmp_path / "cache")
+    summary = run_precompute(config_for(str(dataset), out, tiny_models))
+    reasons = {s.source: s.reason for s in summary.skipped}
+    assert sorted(reasons) == ["s/image_01.png", "s/image_02.png", "s/link.png", "s/noise.jpg"]
+    assert reasons["s/noise.jpg"].startswith("cannot read image: cannot identify image file")
+    assert "truncated" in reasons["s/image_01.png"]
+    assert reasons["s/image_02.png"].startswith("missing caption file image_02.txt beside image_02.png")
+    assert reasons["s/link.png"].startswith("broken link")
+    assert summary.computed["latents"] == 1
+    assert [clip.source for clip in CacheView(CacheStore.open(out), "wan").clips] == [good.name]
+
+    with pytest.raises(RuntimeError, match=r"image_01.png: OSError: image file is truncated \(rerun without --strict"):
+        run_precompute(config_for(str(dataset), str(tmp_path / "strict"), tiny_models, strict=True))

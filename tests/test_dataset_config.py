@@ -179,6 +179,8 @@ def test_shipped_configs_are_valid_for_wan(tmp_path, example):
     stand_ins = {
         "video_directory": '"clips"',
         "video_jsonl_file": '"list.jsonl"',
+        "image_directory": '"clips"',
+        "image_jsonl_file": '"list.jsonl"',
         "hf_dataset": '"hf"',
         "webdataset": '"train-000000.tar"',
     }
@@ -193,3 +195,56 @@ def test_shipped_configs_are_valid_for_wan(tmp_path, example):
     assert len(config.datasets) == len(tables)
     for dataset in config.datasets:
         assert all(w % 16 == 0 and h % 16 == 0 for w, h in dataset.resolutions)
+
+
+def test_image_tables_take_one_frame_and_refuse_video_settings(tmp_path):
+    (tmp_path / "stills.jsonl").write_text("")
+    path = write_config(
+        tmp_path,
+        '[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\nsource_fps = 16\nframe_extraction = "slide"\n'
+        '[[datasets]]\nvideo_directory = "clips"\n'
+        '[[datasets]]\nname = "folder"\nimage_directory = "clips"\ncaption_extension = "caption"\n'
+        '[[datasets]]\nimage_jsonl_file = "stills.jsonl"\n',
+    )
+    videos, folder, listed = load_dataset_config(str(path), 4).datasets
+    assert not videos.images and videos.target_frames == [9] and videos.source_fps == 16.0
+    assert folder.images and folder.medium == "image" and folder.source_kind == "image_directory"
+    # [general]'s video settings do not reach the image tables: an image is one frame, whatever the model
+    assert folder.target_frames == [1] and folder.source_fps is None and folder.frame_extraction == "head"
+    assert folder.caption_extension == ".caption" and folder.image_directory == str(tmp_path / "clips")
+    assert listed.images and listed.name == "stills" and listed.image_jsonl_file == str(tmp_path / "stills.jsonl")
+    assert load_dataset_config(str(path), 8).datasets[1].target_frames == [1]
+
+    path.write_text('[[datasets]]\nimage_directory = "clips"\nresolutions = [[64, 48]]\n')
+    assert load_dataset_config(str(path), 4).datasets[0].target_frames == [1]  # no target_frames needed
+    for line in ("target_frames = [9]", "max_frames = 9", 'video_column = "clip"'):
+        path.write_text(f'[[datasets]]\nimage_directory = "clips"\nresolutions = [[64, 48]]\n{line}\n')
+        field = line.split()[0]
+        with pytest.raises(DatasetConfigError, match=rf"#1: {field} applies to videos only, and this table reads "
+                                                      r"images \(image_directory\), each a clip of one frame; remove"):
+            load_dataset_config(str(path), 4)
+    path.write_text('[[datasets]]\nimage_directory = "nope"\nresolutions = [[64, 48]]\n')
+    with pytest.raises(DatasetConfigError, match=f"image_directory folder {tmp_path / 'nope'} does not exist"):
+        load_dataset_config(str(path), 4)
+
+
+def test_hf_and_webdataset_tables_read_images_when_their_image_field_is_set(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with tarfile.open(tmp_path / "images-000.tar", "w"):
+        pass
+    path = write_config(
+        tmp_path,
+        "[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\n"
+        '[[datasets]]\nhf_dataset = "hf"\nimage_column = "image"\n'
+        '[[datasets]]\nwebdataset = "images-000.tar"\nimage_extension = ".JPG"\n'
+        '[[datasets]]\nname = "videos"\nwebdataset = "images-000.tar"\n',
+    )
+    hf, shards, videos = load_dataset_config(str(path), 4).datasets
+    assert hf.images and hf.image_column == "image" and hf.target_frames == [1]
+    assert shards.images and shards.image_extension == "JPG" and shards.target_frames == [1]
+    assert not videos.images and videos.video_extension == "mp4" and videos.target_frames == [9]
+    path.write_text('[[datasets]]\nwebdataset = "images-000.tar"\nimage_extension = "jpg"\nvideo_extension = "mp4"\n'
+                    "resolutions = [[64, 48]]\n")
+    with pytest.raises(DatasetConfigError, match=r"video_extension applies to videos only, and this table reads "
+                                                 r"images \(webdataset with image_extension\)"):
+        load_dataset_config(str(path), 4)

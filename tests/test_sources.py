@@ -191,3 +191,64 @@ def test_two_ranks_probe_disjoint_videos_and_plan_every_clip_between_them(tmp_pa
     assert len(probed) == 5 and len(set(map(repr, probed))) == 5  # each video probed by one rank only
     assert {len(part) for part in parts} == {2, 3}
     assert sorted(c.key for part in parts for c in part) == sorted(c.key for c in whole)
+
+
+def load_images(tmp_path: Path, source_lines: str) -> DatasetConfig:
+    config = tmp_path / "images.toml"
+    config.write_text(f"[[datasets]]\n{source_lines}\nresolutions = [[16, 16]]\n")
+    return load_dataset_config(str(config), temporal_compression=4).datasets[0]
+
+
+def test_image_directory_and_jsonl_list_images_with_their_captions(tmp_path):
+    from precompute.images import image_size
+    from precompute.synthetic import write_captioned_images
+
+    folder = tmp_path / "stills"
+    write_captioned_images(folder, [(24, 16), (16, 24)], extension=".jpg")
+    write_captioned_images(folder / "nested", [(20, 20)], extension=".webp")
+    make_clip(folder / "clip.mp4")  # a video beside them is not an image
+    (folder / "clip.txt").write_text("a clip")
+    (folder / "nested" / "image_00.txt").unlink()
+    items = list(iter_videos(load_images(tmp_path, 'image_directory = "stills"')))
+    assert [item.name for item in items] == ["image_00.jpg", "image_01.jpg", "nested/image_00.webp"]
+    assert items[0].caption == "a still of shapes, 24x16" and items[0].identity["path"] == items[0].video
+    assert items[2].caption is None
+    assert "missing caption file image_00.txt beside image_00.webp" in items[2].caption_error
+    assert [image_size(item.video) for item in items] == [(24, 16), (16, 24), (20, 20)]
+    assert [item.name for item in iter_videos(load_one(tmp_path, 'video_directory = "stills"'))] == ["clip.mp4"]
+
+    lines = [{"image_path": "stills/image_01.jpg", "caption": "portrait"}, {"image_path": "stills/nested/x.png"}]
+    (tmp_path / "stills.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(FileNotFoundError, match="line 2: image .*x.png does not exist"):
+        list(iter_videos(load_images(tmp_path, 'image_jsonl_file = "stills.jsonl"')))
+    (tmp_path / "stills.jsonl").write_text(json.dumps(lines[0]) + '\n{"video_path": "clip.mp4"}\n')
+    with pytest.raises(ValueError, match='line 2 has no "image_path" string; each line needs {"image_path", '):
+        list(iter_videos(load_images(tmp_path, 'image_jsonl_file = "stills.jsonl"')))
+    (tmp_path / "stills.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    (item,) = iter_videos(load_images(tmp_path, 'image_jsonl_file = "stills.jsonl"'))
+    assert item.video == str(folder / "image_01.jpg") and item.caption == "portrait" and item.dataset == "stills"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="dataset 'empty' holds no images; check its image_directory"):
+        list(iter_videos(load_images(tmp_path, 'image_directory = "empty"')))
+
+
+def test_hf_image_column_and_webdataset_image_members_are_read_by_reference(tmp_path):
+    from precompute.images import decode_image, image_size
+    from precompute.synthetic import write_image
+
+    write_image(tmp_path / "wide.png", moving_shapes_clip(1, 16, 24)[0])
+    data = (tmp_path / "wide.png").read_bytes()
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [{"bytes": data, "path": "wide.png"}], "caption": ["wide"]},
+                               features).save_to_disk(str(tmp_path / "hf"))
+    with webdataset.TarWriter(str(tmp_path / "images-000.tar")) as writer:
+        writer.write({"__key__": "s0", "png": data, "txt": "wide"})
+    for lines in ('hf_dataset = "hf"\nimage_column = "image"',
+                  'webdataset = "images-000.tar"\nimage_extension = "png"'):
+        (item,) = iter_videos(load_images(tmp_path, lines))
+        assert not isinstance(item.video, bytes) and read_video(item.video) == data, lines
+        assert item.caption == "wide" and set(item.identity) == {"name", "sha256"}
+        assert image_size(item.video) == (24, 16) and decode_image(item.video, (24, 16), "none").shape == (1, 16, 24, 3)
+    with pytest.raises(ValueError, match=r"sample images-000.tar/s0 has no .jpg member \(it has: png, txt\); set "
+                                         "image_extension to the member holding the image"):
+        list(iter_videos(load_images(tmp_path, 'webdataset = "images-000.tar"\nimage_extension = "jpg"')))

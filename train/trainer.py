@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
+from train.experts import Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
@@ -49,18 +50,29 @@ class StepParts:
     config: TrainConfig
     scheduler_config: dict
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
+    sigma_range: tuple[float, float] | None = None
+    """Noise levels the transformer denoises in its pipeline (one expert of several); None: all of them."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
         return self.config.flow_shift or self.adapter.flow_shift(self.scheduler_config, latent_shape)
+
+    def at_step(self, denoisers: DenoiserSet, step: int, latent_shape: torch.Size) -> tuple[StepParts, dict]:
+        """These parts with the denoiser that trains at `step` (see train.experts), and the metric naming it."""
+        cfg = self.config
+        index = denoisers.index_at(cfg.seed, step, cfg.timestep_sampling, self.shift(latent_shape), cfg.logit_mean,
+                                   cfg.logit_std)
+        chosen = denoisers.denoisers[index]
+        parts = replace(self, transformer=chosen.transformer, projector=chosen.projector,
+                        sigma_range=chosen.sigma_range)
+        return parts, ({"denoiser": index} if len(denoisers) > 1 else {})
 
 
 @dataclass
 class TrainState:
     """What a checkpoint saves: the trainable modules, optimizer, schedules, and the position in the data."""
 
-    transformer: nn.Module
-    projector: nn.Module | None
+    denoisers: DenoiserSet
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     schedule: CrepaWeightSchedule
@@ -87,7 +99,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
-                                 shift, cfg.logit_mean, cfg.logit_std, device)
+                                 shift, cfg.logit_mean, cfg.logit_std, device, parts.sigma_range)
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
                                               Conditioning.from_batch(batch, device))
@@ -153,15 +165,19 @@ def scheduler_settings(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[dict, 
     return load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler"), f"flow shift from {path}"
 
 
-def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
-                    projector: nn.Module | None) -> torch.optim.Optimizer:
-    """The configured optimizer over the trainable transformer weights and the projector.
+def build_optimizer(cfg: TrainConfig, transformer: nn.Module, projector: nn.Module | None,
+                    *more: tuple[nn.Module, nn.Module | None]) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable transformer weights and the projector (and those of `more`
+    denoisers: one param group each, in order).
 
     Adam(W) runs fused: one kernel per step, and none of the foreach path's parameter-sized temporaries.
     """
-    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-    if projector is not None:
-        groups.append({"params": list(projector.parameters()), "lr": cfg.crepa_projector_lr or cfg.learning_rate})
+    groups = []
+    for model, crepa_projector in ((transformer, projector), *more):
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.learning_rate})
+        if crepa_projector is not None:
+            groups.append({"params": list(crepa_projector.parameters()),
+                           "lr": cfg.crepa_projector_lr or cfg.learning_rate})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     if cfg.optimizer == "adam":
@@ -205,39 +221,22 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     scheduler_config, shift_source = scheduler_settings(cfg, adapter)
 
     enable_tf32()
-    transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
-                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
-    check_compatibility(adapter, transformer, data, cfg)
-    if cfg.full:
-        transformer.requires_grad_(True)
-    else:
-        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
-                 cfg.lora_target_modules or list(adapter.default_lora_targets))
-        if cfg.comfyui_export:
-            check_comfyui_export(adapter, transformer)
-    prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    projector = None
-    if cfg.crepa_enabled:
-        hidden_dim = adapter.hidden_dim(transformer)
-        teacher_dim = hidden_dim if cfg.crepa_use_backbone_features else data.teacher_dim
-        projector = CrepaProjector(hidden_dim, teacher_dim, kind=cfg.crepa_projector)
+    stages = training_stages(cfg.model, cfg.expert)
+    built = [_trainable_denoiser(cfg, adapter, data, stage) for stage in stages]
 
     steps_per_epoch = max(1, data.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.num_train_epochs
-    optimizer = build_optimizer(cfg, transformer, projector)
+    optimizer = build_optimizer(cfg, *built[0], *built[1:])
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    if projector is not None:
-        transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
-    else:
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    trainables = [m for m in (transformer, projector) if m is not None]
+    *trainables, optimizer = accelerator.prepare(*[m for pair in built for m in pair if m is not None], optimizer)
+    prepared = iter(trainables)
+    denoisers = DenoiserSet([Denoiser(stage, next(prepared), None if projector is None else next(prepared))
+                             for stage, (_, projector) in zip(stages, built, strict=True)])
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
-    state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
+    first = denoisers.denoisers[0]
+    parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config)
+    state = TrainState(denoisers, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.resume:
@@ -247,9 +246,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         print(f"{data.describe()}, {world} process(es) x batch "
               f"{cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} = "
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
-              f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
-              f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params; "
-              f"{shift_source}")
+              f"{max_steps} steps; {denoisers.describe()}: trainable {_count(d.transformer for d in denoisers):,} "
+              f"transformer + {_count(d.projector for d in denoisers):,} projector params; {shift_source}")
     log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
@@ -267,10 +265,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                 wait_total += time.perf_counter() - fetch
             # one gradient all-reduce per optimizer step, for the transformer and the projector alike;
             # backward divides the loss by the accumulation steps
+            step_parts, chosen = parts.at_step(denoisers, state.step, batch["latents"].shape)
             with accelerator.accumulate(*trainables):
-                loss, metrics = train_step(parts, batch, state.step, device)
+                loss, metrics = train_step(step_parts, batch, state.step, device)
                 accelerator.backward(loss)
-            for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here
+            for name, value in {"loss": loss.detach(), **metrics, **chosen}.items():  # on the device: no sync here
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=device) / \
                     cfg.gradient_accumulation_steps
         grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, params, cfg.max_grad_norm or math.inf)
@@ -294,14 +293,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
     result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
     if main:
-        model = accelerator.unwrap_model(transformer)
-        if cfg.full:
-            model.save_pretrained(os.path.join(cfg.output_dir, "transformer"))
-        else:
-            result.lora_path = save_lora(adapter, model, cfg.output_dir, cfg.lora_rank,
-                                         cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export)
-        if projector is not None:
-            result.projector_path = save_projector(accelerator.unwrap_model(projector), cfg.output_dir)
+        saved = [_save_trained(cfg, adapter, component, model, projector)
+                 for component, (model, projector) in _unwrapped(accelerator, denoisers).items()]
+        result.lora_path, result.projector_path = saved[0]
         if os.path.exists(log.path):
             result.plot_path = plot_curves(log.path, os.path.join(cfg.output_dir, "training_curves.png"))
     accelerator.wait_for_everyone()
@@ -309,13 +303,61 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
+def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainData,
+                        stage: Stage) -> tuple[nn.Module, nn.Module | None]:
+    """The pipeline's transformer of `stage`, checked against the cache, made trainable; and its CREPA projector."""
+    override = cfg.transformer if stage.component == "transformer" else None
+    transformer = load_pretrained(adapter.transformer_class(), cfg.model, stage.component, override,
+                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
+    check_compatibility(adapter, transformer, data, cfg)
+    if cfg.full:
+        transformer.requires_grad_(True)
+    else:
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
+                 cfg.lora_target_modules or list(adapter.default_lora_targets))
+        if cfg.comfyui_export:
+            check_comfyui_export(adapter, transformer)
+    prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    projector = None
+    if cfg.crepa_enabled:
+        hidden_dim = adapter.hidden_dim(transformer)
+        teacher_dim = hidden_dim if cfg.crepa_use_backbone_features else data.teacher_dim
+        projector = CrepaProjector(hidden_dim, teacher_dim, kind=cfg.crepa_projector)
+    return transformer, projector
+
+
+def _save_trained(cfg: TrainConfig, adapter: FamilyAdapter, component: str, model: nn.Module,
+                  projector: nn.Module | None) -> tuple[str | None, str | None]:
+    """One pipeline component's LoRA (or full weights, under its subfolder) and projector; their paths."""
+    lora_path = None
+    if cfg.full:
+        model.save_pretrained(os.path.join(cfg.output_dir, component))
+    else:
+        lora_path = save_lora(adapter, model, cfg.output_dir, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank,
+                              cfg.comfyui_export, component)
+    return lora_path, save_projector(projector, cfg.output_dir, component) if projector is not None else None
+
+
+def _count(modules) -> int:
+    """Trainable parameters of the modules (None counts 0)."""
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters() if p.requires_grad)
+
+
+def _unwrapped(accelerator, denoisers: DenoiserSet) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """Pipeline component -> its model and projector without the DDP / compile wrappers."""
+    return {d.stage.component: (accelerator.unwrap_model(d.transformer),
+                                accelerator.unwrap_model(d.projector) if d.projector is not None else None)
+            for d in denoisers}
+
+
 def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState) -> None:
     """checkpoint-<step> in the output folder, keeping the newest `checkpoints_total_limit`."""
     save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"),
-                    model=accelerator.unwrap_model(state.transformer),
-                    projector=accelerator.unwrap_model(state.projector) if state.projector is not None else None,
-                    optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index,
-                    trainer_state=state.position())
+                    denoisers=_unwrapped(accelerator, state.denoisers), optimizer=state.optimizer,
+                    lr_scheduler=state.lr_scheduler, rank=accelerator.process_index, trainer_state=state.position())
     if accelerator.is_main_process:
         prune_checkpoints(cfg.output_dir, cfg.checkpoints_total_limit)
 
@@ -323,8 +365,7 @@ def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState) -> None:
 def _resume(cfg: TrainConfig, accelerator, state: TrainState) -> None:
     """Restore `state` from the checkpoint `--resume` names."""
     saved = load_checkpoint(find_checkpoint(cfg.output_dir, cfg.resume),
-                            model=accelerator.unwrap_model(state.transformer),
-                            projector=accelerator.unwrap_model(state.projector) if state.projector else None,
-                            optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index)
+                            denoisers=_unwrapped(accelerator, state.denoisers), optimizer=state.optimizer,
+                            lr_scheduler=state.lr_scheduler, rank=accelerator.process_index)
     state.step, state.epoch, state.consumed = saved["step"], saved["epoch"], saved["consumed"]
     state.schedule.load_state_dict(saved["crepa_schedule"])

@@ -134,9 +134,17 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
     """Everything about the cache that could fail mid-run is checked before step 0."""
     model = adapter.unwrap(transformer)
     channels = model.config.in_channels
-    if data.latent_channels != channels:
-        raise UserError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
-                         f"takes {channels}: the cache was made with another VAE; precompute it with this model")
+    if data.latent_channels + data.condition_channels != channels:
+        condition = f" plus {data.condition_channels} of first-frame condition" if data.condition_channels else ""
+        raise UserError(f"cache latents have {data.latent_channels} channels{condition} but the {adapter.name} "
+                         f"transformer takes {channels}: the cache was made with another VAE or for another kind of "
+                         "model (text- or image-to-video); precompute it with this model")
+    image_dim = adapter.image_embedding_dim(model)
+    if data.image_embeds_dim != image_dim:
+        cached = f"{data.image_embeds_dim}-wide" if data.image_embeds_dim else "no"
+        taken = f"{image_dim}-wide" if image_dim else "none"
+        raise UserError(f"the cache holds {cached} image embeddings of the first frame but the transformer takes "
+                         f"{taken}: precompute the cache with this model's pipeline")
     text_dim = adapter.text_embedding_dim(model)
     if data.text_dim != text_dim:
         raise UserError(f"cache text embeddings are {data.text_dim}-wide but the transformer takes {text_dim}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,7 +22,7 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
-from train.experts import Denoiser, DenoiserSet, Stage, training_stages
+from train.experts import PRIMARY, Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
@@ -271,9 +272,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                 wall_start = time.perf_counter()
             else:
                 wait_total += time.perf_counter() - fetch
+            step_parts, chosen = parts.at_step(denoisers, state.step, batch["latents"].shape)
             # one gradient all-reduce per optimizer step, for the transformer and the projector alike;
             # backward divides the loss by the accumulation steps
-            step_parts, chosen = parts.at_step(denoisers, state.step, batch["latents"].shape)
             with accelerator.accumulate(*trainables):
                 loss, metrics = train_step(step_parts, batch, state.step, device)
                 accelerator.backward(loss)
@@ -314,7 +315,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainData,
                         stage: Stage) -> tuple[nn.Module, nn.Module | None]:
     """The pipeline's transformer of `stage`, checked against the cache, made trainable; and its CREPA projector."""
-    override = cfg.transformer if stage.component == "transformer" else None
+    override = cfg.transformer if stage.component == PRIMARY else None
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, stage.component, override,
                                   torch_dtype=LOAD_DTYPE[cfg.base_dtype])
     check_compatibility(adapter, transformer, data, cfg)
@@ -349,7 +350,7 @@ def _save_trained(cfg: TrainConfig, adapter: FamilyAdapter, component: str, mode
     return lora_path, save_projector(projector, cfg.output_dir, component) if projector is not None else None
 
 
-def _count(modules) -> int:
+def _count(modules: Iterable[nn.Module | None]) -> int:
     """Trainable parameters of the modules (None counts 0)."""
     return sum(p.numel() for m in modules if m is not None for p in m.parameters() if p.requires_grad)
 

@@ -70,6 +70,8 @@ class PrecomputeConfig:
     """Compute dtype of the vision encoder."""
     text_encoder_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
     """Compute dtype of the text encoder."""
+    image_encoder_dtype: str = field(default="auto", metadata={"choices": COMPUTE_DTYPES})
+    """Compute dtype of the pipeline's image encoder (image-to-video models that take image embeddings)."""
     latents_dtype: str = field(default="float32", metadata={"choices": STORAGE_DTYPES})
     """Storage dtype of the latents."""
     text_dtype: str = field(default="float16", metadata={"choices": STORAGE_DTYPES})

@@ -1,4 +1,4 @@
-"""Identity and description of the three feature sets one precompute run fills.
+"""Identity and description of the feature sets one precompute run fills.
 
 The identity is what the set's fingerprint hashes: change any of it and a new set is computed,
 so a changed model or setting is never served stale. The description is what the trainer and
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from crepa.cache.store import CacheStore, FeatureSet
 from crepa.encoders import resolve_encoder
-from crepa.families.base import FamilyAdapter
+from crepa.families.base import FamilyAdapter, ImageConditioning
 from crepa.families.loading import component_identity
 from precompute.config import PrecomputeConfig
 from precompute.models import text_overrides
@@ -24,6 +24,8 @@ class RunFeatureSets:
     latents: FeatureSet
     text: FeatureSet
     teacher: FeatureSet | None
+    condition: FeatureSet | None = None
+    """The first-frame conditioning of an image-to-video model; None for text-to-video."""
 
 
 def latents_identity(adapter: FamilyAdapter, config: PrecomputeConfig, vae_dtype: str) -> dict:
@@ -47,6 +49,18 @@ def text_identity(adapter: FamilyAdapter, config: PrecomputeConfig, text_dtype: 
         "dtype": config.text_dtype,
         "max_length": max_length,
     }
+
+
+def condition_identity(config: PrecomputeConfig, dtypes: dict[str, str], latents: dict,
+                       conditioning: ImageConditioning) -> dict:
+    """The condition latents depend on everything the latents do (VAE, dtypes, tiling) and on how the condition is
+    built; image embeddings on the image encoder and its processor."""
+    image_encoder = None
+    if conditioning.image_embeds:
+        image_encoder = {"image_encoder": component_identity(config.model, "image_encoder"),
+                         "image_processor": component_identity(config.model, "image_processor"),
+                         "compute_dtype": dtypes["image_encoder"]}
+    return {**latents, "condition_channels": conditioning.condition_channels, "image_encoder": image_encoder}
 
 
 def teacher_identity(config: PrecomputeConfig, encoder_dtype: str, latents: dict, temporal: int) -> dict:
@@ -74,6 +88,7 @@ def open_feature_sets(
     vae_config: dict,
     max_length: int,
     encoder_config: dict | None,
+    conditioning: ImageConditioning | None = None,
 ) -> RunFeatureSets:
     """Create (or find) the run's feature sets, with attributes that describe their arrays.
 
@@ -123,4 +138,20 @@ def open_feature_sets(
             "normalisation": f"frames in [0, 1], ImageNet mean {IMAGENET_MEAN} std {IMAGENET_STD}; features are "
                              "last_hidden_state after the final layernorm, CLS and register tokens removed",
         })
-    return RunFeatureSets(latents=latents, text=text, teacher=teacher)
+    condition = None
+    if conditioning is not None:
+        arrays = {}
+        if conditioning.condition_channels:
+            arrays["condition"] = (f"({conditioning.condition_channels}, f, h, w) what the image-to-video pipeline "
+                                   "concatenates to the noisy latents: a mask of the given frame, then the normalised "
+                                   "latents of the first frame followed by zeros")
+        if conditioning.image_embeds:
+            arrays["image_embeds"] = "(N, D) the image encoder's embeddings of the first frame, as the pipeline's"
+        condition = feature_set("condition", condition_identity(config, dtypes, latents_id, conditioning), {
+            "family": adapter.name,
+            "model": config.model,
+            "arrays": arrays,
+            "condition_channels": conditioning.condition_channels,
+            "dtype": config.latents_dtype,
+        })
+    return RunFeatureSets(latents=latents, text=text, teacher=teacher, condition=condition)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from crepa.families.base import FamilyAdapter, TextEncoders
+from crepa.families.base import FamilyAdapter, ImageEncoders, TextEncoders
 from crepa.families.loading import load_pretrained, resolve_dtype
 from precompute.config import PrecomputeConfig
 
@@ -75,6 +75,17 @@ def load_vae(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.dev
     if config.vae_slicing:
         vae.enable_slicing()
     return vae.to("cpu" if config.offload else device).eval().requires_grad_(False)
+
+
+def load_image_encoders(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device) -> ImageEncoders:
+    """The pipeline's image encoder (on the device unless offloading) and its image processor."""
+    import transformers
+
+    dtype = compute_dtype(config.image_encoder_dtype, device)
+    encoder = load_pretrained(getattr(transformers, adapter.image_encoder_class_name), config.model, "image_encoder",
+                              dtype=dtype)
+    return {"image_encoder": encoder.to("cpu" if config.offload else device).eval().requires_grad_(False),
+            "image_processor": load_pretrained(transformers.AutoImageProcessor, config.model, "image_processor")}
 
 
 def text_overrides(adapter: FamilyAdapter, config: PrecomputeConfig) -> dict[str, str | None]:

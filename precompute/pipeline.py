@@ -3,7 +3,9 @@
     this rank's slice of the videos -> its plan (probed, written as its part) -> what is missing
       -> text stage: unique captions -> text encoder -> text set
       -> video stage: decode pool (CPU workers) -> VAE -> latents set
-                                              \\-> DINOv2 -> teacher set
+                                              |-> DINOv2 -> teacher set
+                                              \\-> first frame -> VAE (+ image encoder) -> condition set
+                                                   (image-to-video models only)
 Each stage only loads the models it needs, once. The decode workers start before the text stage, so
 decoding runs behind it and behind model loading; segment writes (compression, checksums, disk) run
 on a background thread, so the main loop only feeds the models. Writes are committed per segment, so
@@ -36,12 +38,21 @@ from crepa.cache.quantize import quantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
+from crepa.families.base import ImageConditioning, ImageEncoders
 from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
 from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult
 from precompute.feature_sets import RunFeatureSets, open_feature_sets
-from precompute.models import Timer, compute_dtype, load_text_encoders, load_vae, precompute_device, resident
+from precompute.models import (
+    Timer,
+    compute_dtype,
+    load_image_encoders,
+    load_text_encoders,
+    load_vae,
+    precompute_device,
+    resident,
+)
 from precompute.output import disk_full, is_disk_full, open_output
 from precompute.plan import PlannedClip, Skipped, check_bucket_sizes, plan_clips
 from precompute.teacher import TeacherEncoder, teacher_grid
@@ -98,16 +109,21 @@ def _to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _estimate_bytes(clips: list[PlannedClip], todo: dict[str, set[str]], adapter: FamilyAdapter, vae_config: dict,
-                    config: PrecomputeConfig, encoder_config: dict | None) -> dict[str, int]:
-    """Uncompressed bytes the missing latents and teacher entries will take, for --dry-run."""
+                    config: PrecomputeConfig, encoder_config: dict | None,
+                    conditioning: ImageConditioning | None) -> dict[str, int]:
+    """Uncompressed bytes the missing latents, teacher and condition entries will take, for --dry-run (condition:
+    its latents; image embeddings, under a MB a clip, are left out)."""
     _, spatial = adapter.vae_compression(vae_config)
     channels = vae_config.get("z_dim", vae_config.get("latent_channels", 16))
-    estimate = {"latents": 0, "teacher": 0}
+    condition_channels = conditioning.condition_channels if conditioning is not None else 0
+    estimate = {"latents": 0, "teacher": 0, "condition": 0}
     for clip in clips:
         frames = adapter.latent_frames(clip.frames, vae_config)
+        latent_values = frames * (clip.height // spatial) * (clip.width // spatial)
         if clip.key in todo["latents"]:
-            estimate["latents"] += channels * frames * (clip.height // spatial) * (clip.width // spatial) * \
-                np.dtype(config.latents_dtype).itemsize
+            estimate["latents"] += channels * latent_values * np.dtype(config.latents_dtype).itemsize
+        if clip.key in todo["condition"]:
+            estimate["condition"] += condition_channels * latent_values * np.dtype(config.latents_dtype).itemsize
         if clip.key in todo["teacher"]:
             height, width = teacher_grid(clip.height, clip.width, config.teacher, encoder_config["patch_size"])
             dim, storage = encoder_config["hidden_size"], np.dtype(config.teacher.dtype).itemsize
@@ -124,12 +140,14 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     rank, world = distributed_slice()
     device = precompute_device(config.device)
     dtypes = {name: str(compute_dtype(getattr(config, f"{name}_dtype"), device)).removeprefix("torch.")
-              for name in ("vae", "encoder", "text_encoder")}
+              for name in ("vae", "encoder", "text_encoder", "image_encoder")}
 
     # Configs only: the plan is made before any weights are loaded.
     vae_config = load_config(adapter.vae_class(), config.model, "vae", config.vae)
     temporal, spatial = adapter.vae_compression(vae_config)
-    patch = _transformer_patch(adapter, config)
+    transformer_config = _transformer_config(adapter, config)
+    patch = _patch(transformer_config)
+    conditioning = adapter.image_conditioning(transformer_config, vae_config) if transformer_config else None
     dataset_file = load_dataset_config(config.dataset_config, temporal)
     for dataset in dataset_file.datasets:
         check_bucket_sizes(dataset, spatial * patch, config.dataset_config)
@@ -137,7 +155,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     max_length = config.text_max_length or adapter.default_text_max_length
 
     store = open_output(config.out, dry_run=config.dry_run)
-    sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config)
+    sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config, conditioning)
     # Each rank plans (and probes) only its own videos, and writes its own part of the plan.
     mine, skipped = plan_clips(dataset_file.datasets, sets.text.attrs["identity"], max_length, rank, world)
     if not config.dry_run:
@@ -147,18 +165,23 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
             "datasets": [_resolved(dataset) for dataset in dataset_file.datasets],
             "latents_set": sets.latents.fingerprint,
             "text_set": sets.text.fingerprint,
+            "condition_set": sets.condition.fingerprint if sets.condition is not None else None,
         }, [clip.manifest_entry() for clip in mine], rank, world)
 
     # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key.
     my_captions = dict(sorted({clip.text_key: clip.caption for clip in mine}.items()))
     todo = _missing(store, sets, mine, my_captions, config.regenerate)
     summary = PrecomputeSummary(planned=len(mine), planned_images=sum(clip.image for clip in mine), skipped=skipped)
-    summary.computed = {kind: len(keys) for kind, keys in todo.items()}
+    summary.computed = {kind: len(keys) for kind, keys in todo.items()
+                        if kind != "condition" or sets.condition is not None}
     summary.reused = {"latents": len(mine) - len(todo["latents"]), "text": len(my_captions) - len(todo["text"]),
                       "teacher": 0 if sets.teacher is None else len(mine) - len(todo["teacher"])}
-    video_clips = [clip for clip in mine if clip.key in todo["latents"] or clip.key in todo["teacher"]]
+    if sets.condition is not None:  # image-to-video models only
+        summary.reused["condition"] = len(mine) - len(todo["condition"])
+    video_clips = [clip for clip in mine if any(clip.key in todo[kind] for kind in ("latents", "teacher", "condition"))]
     if config.dry_run:
-        summary.estimated_bytes = _estimate_bytes(mine, todo, adapter, vae_config, config, encoder_config)
+        summary.estimated_bytes = _estimate_bytes(mine, todo, adapter, vae_config, config, encoder_config,
+                                                  conditioning)
         summary.wall_seconds = time.perf_counter() - start
         return summary
 
@@ -172,7 +195,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
                             {k: my_captions[k] for k in sorted(todo["text"])}, max_length, timers)
             if video_clips:
                 skipped, computed = _video_stage(adapter, config, device, store, sets, video_clips, decoded, todo,
-                                                 vae_config, timers)
+                                                 vae_config, conditioning, timers)
                 summary.skipped += skipped
                 summary.computed.update(computed)
     except OSError as error:
@@ -180,7 +203,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
             raise
         store.refresh()  # what is committed now; the rest is still to write
         left = _estimate_bytes(mine, _missing(store, sets, mine, my_captions, False), adapter, vae_config, config,
-                               encoder_config)
+                               encoder_config, conditioning)
         raise disk_full(config.out, sum(left.values())) from error
     summary.forward_seconds = timers.forward.seconds
     summary.load_seconds = timers.load.seconds
@@ -217,18 +240,23 @@ def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: lis
     store.write_plan(name, {"name": readable, "content_hash": digest, **header, "clips": clips})
     if rank != 0:
         return
-    same_run = ("dataset_config", "family", "latents_set", "text_set")
+    same_run = ("dataset_config", "family", "latents_set", "text_set", "condition_set")
     for other, plan in store.plans().items():
         if all(plan.get(field) == header[field] for field in same_run) and plan.get("content_hash") != digest:
             store.remove_plan(other)
 
 
-def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:
-    """Spatial patch of the family's DiT, read from its config when the pipeline folder has one."""
+def _transformer_config(adapter: FamilyAdapter, config: PrecomputeConfig) -> dict | None:
+    """The family's DiT config when the pipeline folder has one: its patch size and image conditioning."""
     try:
-        patch = load_config(adapter.transformer_class(), config.model, "transformer").get("patch_size", 1)
+        return load_config(adapter.transformer_class(), config.model, "transformer")
     except OSError:
-        return 1
+        return None
+
+
+def _patch(transformer_config: dict | None) -> int:
+    """Spatial patch of the DiT (1 when its config is unknown)."""
+    patch = (transformer_config or {}).get("patch_size", 1)
     return int(patch[-1] if isinstance(patch, list | tuple) else patch)
 
 
@@ -250,7 +278,7 @@ def _missing(store: CacheStore, sets: RunFeatureSets, clips: list[PlannedClip], 
 
     clip_keys = {clip.key for clip in clips}
     return {"latents": todo(sets.latents, clip_keys), "teacher": todo(sets.teacher, clip_keys),
-            "text": todo(sets.text, set(captions))}
+            "condition": todo(sets.condition, clip_keys), "text": todo(sets.text, set(captions))}
 
 
 def _writer(store: CacheStore, feature_set: FeatureSet, config: PrecomputeConfig, **options) -> SegmentWriter:
@@ -289,13 +317,23 @@ class _VideoModels:
     teacher: TeacherEncoder | None
     temporal: int
     """The VAE's temporal compression: pixel frames per latent frame."""
+    conditioning: ImageConditioning | None = None
+    """How the image-to-video model is conditioned on the first frame; None when no clip needs its condition."""
+    image_encoders: ImageEncoders | None = None
+    """The pipeline's image encoder and processor, when the conditioning takes image embeddings."""
 
 
 def _load_video_models(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, sets: RunFeatureSets,
-                       todo: dict[str, set[str]], vae_config: dict, timers: Timers) -> _VideoModels:
+                       todo: dict[str, set[str]], vae_config: dict, conditioning: ImageConditioning | None,
+                       timers: Timers) -> _VideoModels:
     temporal, _ = adapter.vae_compression(vae_config)
     models = _VideoModels(vae=None, teacher=None, temporal=temporal)
-    if todo["latents"] or config.teacher.input == "reconstruction":
+    if todo["condition"]:
+        models.conditioning = conditioning
+        if conditioning.image_embeds:
+            with timers.load("image_encoder", device):
+                models.image_encoders = load_image_encoders(adapter, config, device)
+    if todo["latents"] or config.teacher.input == "reconstruction" or todo["condition"]:
         with timers.load("vae", device):
             models.vae = load_vae(adapter, config, device)
     if sets.teacher is not None and todo["teacher"]:
@@ -307,20 +345,24 @@ def _load_video_models(adapter: FamilyAdapter, config: PrecomputeConfig, device:
 
 def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, store: CacheStore,
                  sets: RunFeatureSets, clips: list[PlannedClip], decoded: Iterator[DecodeResult],
-                 todo: dict[str, set[str]], vae_config: dict, timers: Timers) -> tuple[list[Skipped], dict[str, int]]:
-    """Decoded clips (`decoded` yields results whose task ids index `clips`) -> latents and teacher features.
+                 todo: dict[str, set[str]], vae_config: dict, conditioning: ImageConditioning | None,
+                 timers: Timers) -> tuple[list[Skipped], dict[str, int]]:
+    """Decoded clips (`decoded` yields results whose task ids index `clips`) -> latents, teacher features and
+    image-to-video conditions.
 
     Decoding runs ahead in worker processes and segment writes run on a background thread, so this loop only
     moves frames to the device, runs the models and copies their outputs back. Returns the clips that could not
     be decoded and how many entries of each kind were written.
     """
-    models = _load_video_models(adapter, config, device, sets, todo, vae_config, timers)
+    models = _load_video_models(adapter, config, device, sets, todo, vae_config, conditioning, timers)
     skipped: list[Skipped] = []
-    computed = {"latents": 0, "teacher": 0}
     with contextlib.ExitStack() as stack:
         writers = {"latents": stack.enter_context(_writer(store, sets.latents, config))}
         if models.teacher is not None:
             writers["teacher"] = stack.enter_context(_writer(store, sets.teacher, config))
+        if models.conditioning is not None:
+            writers["condition"] = stack.enter_context(_writer(store, sets.condition, config))
+        computed = {"teacher": 0} | dict.fromkeys(writers, 0)  # latents and teacher always reported
         prepare = {"teacher": _quantize_patch} if config.teacher.dtype == "int8" else {}
         # innermost: stopped before the writers drop buffers
         out = stack.enter_context(BackgroundWriter(writers, prepare=prepare))
@@ -345,7 +387,7 @@ def _video_stage(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
 def _encode_clip(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch.device, models: _VideoModels,
                  clip: PlannedClip, rgb: np.ndarray, todo: dict[str, set[str]],
                  timers: Timers) -> dict[str, dict[str, np.ndarray]]:
-    """One decoded clip -> the arrays of each kind it still needs: {"latents": {...}, "teacher": {...}}."""
+    """One decoded clip -> the arrays of each kind it still needs: {"latents": {...}, "teacher": {...}, ...}."""
     frames = torch.from_numpy(rgb).to(device)  # (F, H, W, 3) uint8: a quarter of float32's bytes to move
     wants_teacher = models.teacher is not None and clip.key in todo["teacher"]
     reconstruct = config.teacher.input == "reconstruction"
@@ -367,6 +409,13 @@ def _encode_clip(adapter: FamilyAdapter, config: PrecomputeConfig, device: torch
             patch, cls = models.teacher.latent_features(pixels, models.temporal)
         host_dtype = _host_dtype(config.teacher.dtype)
         arrays["teacher"] = {"patch": _to_numpy(patch, host_dtype), "cls": _to_numpy(cls, host_dtype)}
+    if models.conditioning is not None and clip.key in todo["condition"]:
+        with torch.no_grad(), contextlib.ExitStack() as on_device, timers.forward("condition", device):
+            on_device.enter_context(resident(models.vae, device, config.offload))
+            if models.image_encoders is not None:
+                on_device.enter_context(resident(models.image_encoders["image_encoder"], device, config.offload))
+            condition = adapter.encode_condition(models.vae, models.image_encoders, frames, models.conditioning)
+        arrays["condition"] = {name: _to_numpy(array, config.latents_dtype) for name, array in condition.items()}
     return arrays
 
 

@@ -8,6 +8,8 @@ from crepa.cache.store import CacheStore
 from precompute.config import PrecomputeConfig
 from precompute.pipeline import PrecomputeSummary
 
+KINDS = ("text", "latents", "teacher", "condition")
+
 
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -19,12 +21,13 @@ def human_bytes(count: float) -> str:
 
 def bucket_table(store: CacheStore) -> list[str]:
     """One line per (feature set, bucket): entries and stored bytes."""
-    lines = [f"{'kind':8} {'set':16} {'encoder/model':24} {'group':22} {'entries':>8} {'bytes':>11}"]
+    lines = [f"{'kind':9} {'set':16} {'encoder/model':24} {'group':22} {'entries':>8} {'bytes':>11}"]
     for fingerprint, item in sorted(store.info().items(), key=lambda kv: (kv[1]["attrs"]["kind"], kv[0])):
         attrs = item["attrs"]
-        name = str(attrs.get("encoder") or attrs.get("vae") or attrs.get("text_encoder") or "")[-24:]
+        model = attrs.get("encoder") or attrs.get("vae") or attrs.get("text_encoder") or attrs.get("model")
+        name = str(model or "")[-24:]
         for group, stats in sorted(item["groups"].items()):
-            lines.append(f"{attrs['kind']:8} {fingerprint:16} {name:24} {group:22} {stats['entries']:>8} "
+            lines.append(f"{attrs['kind']:9} {fingerprint:16} {name:24} {group:22} {stats['entries']:>8} "
                          f"{human_bytes(stats['bytes']):>11}")
     return lines
 
@@ -48,15 +51,15 @@ def print_summary(config: PrecomputeConfig, summary: PrecomputeSummary) -> None:
     echo = click.echo
     if config.dry_run:
         echo(f"dry run: {planned_line(summary)}")
-        for kind in ("text", "latents", "teacher"):
+        for kind in (k for k in KINDS if k in summary.computed):
             size = summary.estimated_bytes.get(kind)
             extra = f", about {human_bytes(size)} uncompressed" if size else ""
-            echo(f"  {kind:8} to compute {summary.computed.get(kind, 0):6}  already cached "
+            echo(f"  {kind:9} to compute {summary.computed.get(kind, 0):6}  already cached "
                  f"{summary.reused.get(kind, 0):6}{extra}")
         return
     echo(planned_line(summary))
-    for kind in ("text", "latents", "teacher"):
-        echo(f"  {kind:8} computed {summary.computed.get(kind, 0):6}  reused {summary.reused.get(kind, 0):6}")
+    for kind in (k for k in KINDS if k in summary.computed):  # condition: image-to-video models only
+        echo(f"  {kind:9} computed {summary.computed.get(kind, 0):6}  reused {summary.reused.get(kind, 0):6}")
     if summary.forward_seconds:
         forwards = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.forward_seconds.items()))
         echo(f"wall {summary.wall_seconds:.1f}s (model loading {sum(summary.load_seconds.values()):.1f}s); "

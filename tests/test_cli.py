@@ -25,10 +25,10 @@ def test_bad_input_is_one_clear_message(tmp_path):
 LEGACY_PRECOMPUTE_OPTIONS = (
     "--config", "--family", "--model", "--vae", "--text-encoder", "--tokenizer", "--out", "--encoder",
     "--encoder-image-size", "--resize", "--teacher-frames", "--teacher-input", "--teacher-dtype", "--teacher-pool",
-    "--no-teacher", "--device", "--vae-dtype", "--encoder-dtype", "--text-encoder-dtype", "--latents-dtype",
-    "--text-dtype", "--latent-sampling", "--seed", "--text-max-length", "--encoder-batch-size", "--text-batch-size",
-    "--vae-tiling", "--vae-slicing", "--offload", "--decode-workers", "--decode-timeout", "--regenerate", "--dry-run",
-    "--strict", "--max-segment-mb", "--segment-clips", "--codec",
+    "--no-teacher", "--device", "--vae-dtype", "--encoder-dtype", "--text-encoder-dtype", "--image-encoder-dtype",
+    "--latents-dtype", "--text-dtype", "--latent-sampling", "--seed", "--text-max-length", "--encoder-batch-size",
+    "--text-batch-size", "--vae-tiling", "--vae-slicing", "--offload", "--decode-workers", "--decode-timeout",
+    "--regenerate", "--dry-run", "--strict", "--max-segment-mb", "--segment-clips", "--codec",
 )
 
 

@@ -8,7 +8,7 @@ import json
 import os
 import pickle
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -16,38 +16,47 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crepa.errors import UserError
+from train.experts import PRIMARY, component_file
 
 PROJECTOR_WEIGHTS = "crepa_projector.safetensors"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_projector(projector: nn.Module, folder: str) -> str:
-    """The projector beside the LoRA, with its shape in the metadata."""
-    path = os.path.join(folder, PROJECTOR_WEIGHTS)
+def save_projector(projector: nn.Module, folder: str, component: str = PRIMARY) -> str:
+    """The projector beside the LoRA, with its shape in the metadata; another component's carries its name."""
+    path = os.path.join(folder, component_file(PROJECTOR_WEIGHTS, component))
     state = {k: v.detach().to("cpu").contiguous() for k, v in projector.state_dict().items()}
     save_file(state, path, metadata={"hidden_dim": str(projector.hidden_dim), "teacher_dim": str(projector.teacher_dim),
                                      "kind": projector.kind})
     return path
 
 
-def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    trainer_state: dict, rank: int, export: Callable[[str], object] | None = None) -> None:
+Trained = Mapping[str, tuple[nn.Module, nn.Module | None]]
+"""Pipeline component (`transformer`, `transformer_2`) -> its trained model and CREPA projector (None without)."""
+
+
+def save_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler, trainer_state: dict,
+                    rank: int, export: Callable[[str], object] | None = None) -> None:
     """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint.
 
-    `export(folder)` writes the usable weights (the LoRA files) into it on rank 0, inside that rename too.
+    Each component's trainable weights and projector go to their own files (`trainable.safetensors`,
+    `trainable_transformer_2.safetensors`, ...); one optimizer holds them all. `export(folder)` writes the usable
+    weights (the LoRA files) into it on rank 0, inside that rename too.
     """
     tmp = f"{folder}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        for component, (model, projector) in denoisers.items():
+            save_file(trainable_state(model), os.path.join(tmp, component_file(TRAINABLE_WEIGHTS, component)))
+            if projector is not None:
+                save_projector(projector, tmp, component)
         if export is not None:
             export(tmp)
-        if projector is not None:
-            save_projector(projector, tmp)
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
                    os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -61,28 +70,43 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
     _barrier()
 
 
-def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
-                    rank: int) -> dict:
+def load_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler, rank: int) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the trainer state."""
-    state = _read(os.path.join(folder, "trainable.safetensors"), load_file)
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
-    if missing:
-        raise UserError(f"checkpoint {folder} does not match this model (missing {missing[0]} ...); "
-                         "resume with the same --lora-* / --full options")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-    if projector is not None:
-        projector_path = os.path.join(folder, PROJECTOR_WEIGHTS)
-        if not os.path.exists(projector_path):
-            raise UserError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
-        projector.load_state_dict(_read(projector_path, load_file))
+    _check_components(folder, denoisers)
+    for component, (model, projector) in denoisers.items():
+        _load_trainable(os.path.join(folder, component_file(TRAINABLE_WEIGHTS, component)), model)
+        if projector is not None:
+            projector_path = os.path.join(folder, component_file(PROJECTOR_WEIGHTS, component))
+            if not os.path.exists(projector_path):
+                raise UserError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
+            projector.load_state_dict(_read(projector_path, load_file))
     saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
     optimizer.load_state_dict(saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     load_rng_state(folder, rank)
     return _read(os.path.join(folder, "trainer_state.json"), _load_json)
+
+
+def _check_components(folder: str, denoisers: Trained) -> None:
+    """The checkpoint trained the same pipeline components as this run (its optimizer holds exactly theirs)."""
+    stem, ext = os.path.splitext(TRAINABLE_WEIGHTS)
+    saved = sorted(PRIMARY if name == TRAINABLE_WEIGHTS else name[len(stem) + 1: -len(ext)]
+                   for name in os.listdir(folder) if name.startswith(stem) and name.endswith(ext))
+    if saved and saved != sorted(denoisers):
+        raise UserError(f"checkpoint {folder} trained {', '.join(saved)} but this run trains "
+                        f"{', '.join(sorted(denoisers))}", fix="resume with the --expert the checkpoint was made with")
+
+
+def _load_trainable(path: str, model: nn.Module) -> None:
+    state = _read(path, load_file)
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
+    if missing:
+        raise UserError(f"checkpoint {os.path.dirname(path)} does not match this model (missing {missing[0]} ...); "
+                         "resume with the same --lora-* / --full options")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def save_rng_state(folder: str, rank: int) -> None:

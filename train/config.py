@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from crepa.errors import UserError
 from crepa.fields import check_fields, flag_aliases, flag_name
 from crepa.schedule import SCHEDULERS, THRESHOLD_MODES, CrepaScheduleConfig
+from train.experts import EXPERTS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -32,6 +33,10 @@ class TrainConfig:
     """Diffusers pipeline folder or hub id; only its transformer/ is loaded."""
     transformer: str | None = None
     """Transformer folder or hub id, overriding <model>/transformer."""
+    expert: str | None = field(default=None, metadata={"choices": EXPERTS})
+    """Pipelines with two experts (Wan 2.2 A14B: transformer_2 and boundary_ratio in model_index.json): train the
+    high-noise one (transformer), the low-noise one (transformer_2) or both, each on its own timesteps (default:
+    both)."""
     output_dir: str = ""
     """Where checkpoints, the LoRA, logs and plots go."""
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView, ViewClip
-from crepa.cache.wds import INDEX_NAME, decoded, shard_samples
+from crepa.cache.wds import CONDITION_ARRAYS, INDEX_NAME, decoded, shard_samples
 from crepa.errors import UserError
 
 
@@ -45,12 +45,13 @@ class ZarrClips(Dataset):
 
 
 def to_tensors(sample: dict) -> dict:
-    """numpy arrays -> tensors: latents and text in fp32, teacher kept in its storage dtype."""
+    """numpy arrays -> tensors: latents, text and image conditions in fp32, teacher kept in its storage dtype."""
     out = {"key": sample["key"], "fps": sample.get("fps"),
            "latents": torch.from_numpy(np.asarray(sample["latents"], dtype=np.float32)),
            "text": torch.from_numpy(np.asarray(sample["text"], dtype=np.float32))}
-    if sample.get("text_pooled") is not None:
-        out["text_pooled"] = torch.from_numpy(np.asarray(sample["text_pooled"], dtype=np.float32))
+    for name in ("text_pooled", *CONDITION_ARRAYS):
+        if sample.get(name) is not None:
+            out[name] = torch.from_numpy(np.asarray(sample[name], dtype=np.float32))
     if sample.get("teacher") is not None:
         out["teacher"] = torch.from_numpy(np.ascontiguousarray(sample["teacher"]))
     return out
@@ -194,7 +195,8 @@ class WebDatasetClips(IterableDataset):
                              "or train with --crepa-use-backbone-features / --no-crepa-enabled")
         return to_tensors({"key": sample["__key__"], "fps": sample["json"].get("fps"), "latents": sample["latents.npy"],
                            "text": sample["text.npy"], "text_pooled": sample.get("text_pooled.npy"),
-                           "teacher": sample.get("teacher.npy") if self.with_teacher else None})
+                           "teacher": sample.get("teacher.npy") if self.with_teacher else None,
+                           **{name: sample.get(f"{name}.npy") for name in CONDITION_ARRAYS}})
 
 
 def collate(samples: list[dict], text_length: int) -> dict:
@@ -210,10 +212,9 @@ def collate(samples: list[dict], text_length: int) -> dict:
     batch = {"keys": [s["key"] for s in samples], "latents": stack([s["latents"] for s in samples]),
              "text": text, "text_mask": mask,
              "fps": torch.tensor([math.nan if s.get("fps") is None else s["fps"] for s in samples])}
-    if "text_pooled" in samples[0]:
-        batch["text_pooled"] = stack([s["text_pooled"] for s in samples])
-    if "teacher" in samples[0]:
-        batch["teacher"] = stack([s["teacher"] for s in samples])
+    for name in ("text_pooled", *CONDITION_ARRAYS, "teacher"):
+        if name in samples[0]:
+            batch[name] = stack([s[name] for s in samples])
     return batch
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +52,13 @@ class TimestepSampling:
         """The shift applied to the draws: the model's, or 1 (none) for `sigmoid`."""
         return self.flow_shift if self.scheme in SHIFTED_SAMPLING else 1.0
 
+    def within(self, sigma_range: tuple[float, float]) -> TimestepSampling:
+        """The same density cut to the noise levels `sigma_range` (low, high) as well: what the denoiser of one
+        timestep range (a Wan 2.2 expert) sees of it."""
+        low, high = sigma_range
+        return replace(self, min_timestep=max(self.min_timestep, 1000.0 * low),
+                       max_timestep=min(self.max_timestep, 1000.0 * high))
+
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """(B,) float32 sigmas in [min_timestep, max_timestep] / 1000, drawn from `generator`."""
         device = generator.device
@@ -76,8 +83,8 @@ class TimestepSampling:
         k = self.shift
         return k * sigma / (1.0 + (k - 1.0) * sigma)
 
-    def _quantile(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The quantile of the draw that `_sigma` maps to `sigma`: the density's CDF at `sigma`."""
+    def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The density's CDF at `sigma` (before any timestep range): the quantile of the draw `_sigma` maps to it."""
         k = self.shift
         sigma = sigma / (k - (k - 1.0) * sigma)  # the shift's inverse
         if self.scheme == "uniform":
@@ -89,7 +96,7 @@ class TimestepSampling:
         """The draw moved, quantile for quantile, into the range's share of its distribution (float64: the normal
         CDF and its inverse lose the tails in float32)."""
         bounds = torch.tensor([self.min_timestep, self.max_timestep], dtype=torch.float64, device=draw.device)
-        low, high = self._quantile(bounds / 1000.0)
+        low, high = self.cdf(bounds / 1000.0)
         uniform = self.scheme == "uniform"
         quantile = low + (high - low) * (draw.double() if uniform else torch.special.ndtr(draw.double()))
         return quantile if uniform else torch.special.ndtri(quantile)
@@ -103,6 +110,7 @@ def describe_timesteps(cfg: TrainConfig) -> str:
     bounds = (cfg.min_timestep, cfg.max_timestep)
     cut = "" if bounds == FULL_RANGE else f" in [{bounds[0]:g}, {bounds[1]:g}]"
     return f"timesteps {density[cfg.timestep_sampling]}{cut}, {shifted}"
+
 
 
 def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

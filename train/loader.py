@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from crepa.cache.atomic import is_local
 from crepa.cache.store import CacheStore
 from crepa.cache.view import cache_family
-from crepa.cache.wds import ShardIndex, iter_webdataset, read_index
+from crepa.cache.wds import CONDITION_ARRAYS, ShardIndex, iter_webdataset, read_index
 from crepa.encoders import resolve_encoder
 from crepa.errors import UserError
 from train.config import TrainConfig
@@ -36,6 +36,10 @@ class TrainData:
     loader_for_epoch: object = field(repr=False)
     shards: int = 0
     """Webdataset shards streamed (0: a Zarr cache)."""
+    condition_channels: int = 0
+    """Channels of the image-to-video condition concatenated to the latents (0: none cached)."""
+    image_embeds_dim: int | None = None
+    """Width of the cached first-frame image embeddings (None: none cached)."""
 
     def describe(self) -> str:
         """The start-up line's account of the data."""
@@ -125,8 +129,15 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
         latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,
         teacher_dim=first["teacher"].shape[-1] if "teacher" in first else None,
         teacher_frames=first["teacher"].shape[0] if "teacher" in first else None,
-        batches_per_epoch=len(sampler), loader_for_epoch=loader_for_epoch,
+        batches_per_epoch=len(sampler), loader_for_epoch=loader_for_epoch, **condition_shapes(first),
     )
+
+
+def condition_shapes(sample: dict) -> dict:
+    """TrainData's condition_channels and image_embeds_dim from one sample's arrays (tensors or numpy)."""
+    condition, image_embeds = sample.get("condition"), sample.get("image_embeds")
+    return {"condition_channels": condition.shape[0] if condition is not None else 0,
+            "image_embeds_dim": image_embeds.shape[-1] if image_embeds is not None else None}
 
 
 def check_shards(index: ShardIndex, cfg: TrainConfig, with_teacher: bool) -> None:
@@ -196,4 +207,5 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
         teacher_dim=teacher.shape[-1] if teacher is not None else None,
         teacher_frames=teacher.shape[0] if teacher is not None else None,
         batches_per_epoch=batches_per_epoch, loader_for_epoch=loader_for_epoch, shards=len(index.urls),
+        **condition_shapes({name: first.get(f"{name}.npy") for name in CONDITION_ARRAYS}),
     )

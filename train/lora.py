@@ -10,6 +10,7 @@ from torch import nn
 
 from crepa.errors import UserError
 from crepa.families.base import FamilyAdapter
+from train.experts import PRIMARY, component_file
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 COMFYUI_WEIGHTS = "lora_comfyui.safetensors"
@@ -72,9 +73,11 @@ def comfyui_state_dict(adapter: FamilyAdapter, transformer: nn.Module) -> dict[s
 
 
 def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank: int, alpha: float,
-              comfyui: bool) -> str:
+              comfyui: bool, component: str = PRIMARY) -> str:
     """`pytorch_lora_weights.safetensors` loadable by the family pipeline's `load_lora_weights`.
 
+    The LoRA of another pipeline component is `pytorch_lora_weights_<component>.safetensors` (Wan 2.2's low-noise
+    expert: `load_lora_weights(folder, weight_name=..., load_into_transformer_2=True)`), its ComfyUI copy likewise.
     The files are written in a temporary folder beside them and renamed into place, so a run cut short
     (a kill, a full disk) leaves the previous files whole instead of a truncated one under the final name.
     """
@@ -87,11 +90,13 @@ def save_lora(adapter: FamilyAdapter, transformer: nn.Module, folder: str, rank:
     config = transformer.peft_config["default"]
     metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(config.target_modules),
                 "lora_dropout": config.lora_dropout}
+    weights = component_file(LORA_WEIGHTS, component)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".lora-") as tmp:
-        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=LORA_WEIGHTS,
+        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, weight_name=weights,
                                    transformer_lora_adapter_metadata=metadata)
         if comfyui:
-            save_file(comfyui_state_dict(adapter, transformer), os.path.join(tmp, COMFYUI_WEIGHTS))
+            save_file(comfyui_state_dict(adapter, transformer), os.path.join(tmp, component_file(COMFYUI_WEIGHTS,
+                                                                                                 component)))
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    return os.path.join(folder, LORA_WEIGHTS)
+    return os.path.join(folder, weights)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
+from train.experts import PRIMARY, Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import TimestepSampling, describe_timesteps, noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
@@ -49,18 +51,32 @@ class StepParts:
     config: TrainConfig
     scheduler_config: dict
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
+    sigma_range: tuple[float, float] | None = None
+    """Noise levels the transformer denoises in its pipeline (one expert of several); None: all of them."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
         return self.config.flow_shift or self.adapter.flow_shift(self.scheduler_config, latent_shape)
+
+    def sampling(self, latent_shape: torch.Size) -> TimestepSampling:
+        """The density of the noise levels this transformer trains on, for latents of `latent_shape`."""
+        sampling = TimestepSampling.from_config(self.config, self.shift(latent_shape))
+        return sampling if self.sigma_range is None else sampling.within(self.sigma_range)
+
+    def at_step(self, denoisers: DenoiserSet, step: int, latent_shape: torch.Size) -> tuple[StepParts, dict]:
+        """These parts with the denoiser that trains at `step` (see train.experts), and the metric naming it."""
+        index = denoisers.index_at(self.config.seed, step, self.sampling(latent_shape))
+        chosen = denoisers.denoisers[index]
+        parts = replace(self, transformer=chosen.transformer, projector=chosen.projector,
+                        sigma_range=chosen.sigma_range)
+        return parts, ({"denoiser": index} if len(denoisers) > 1 else {})
 
 
 @dataclass
 class TrainState:
     """What a checkpoint saves: the trainable modules, optimizer, schedules, and the position in the data."""
 
-    transformer: nn.Module
-    projector: nn.Module | None
+    denoisers: DenoiserSet
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     schedule: CrepaWeightSchedule
@@ -83,7 +99,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
-    sampling = TimestepSampling.from_config(cfg, parts.shift(latents.shape))
+    sampling = parts.sampling(latents.shape)
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, sampling, device)
@@ -121,9 +137,17 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
     """Everything about the cache that could fail mid-run is checked before step 0."""
     model = adapter.unwrap(transformer)
     channels = model.config.in_channels
-    if data.latent_channels != channels:
-        raise UserError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
-                         f"takes {channels}: the cache was made with another VAE; precompute it with this model")
+    if data.latent_channels + data.condition_channels != channels:
+        condition = f" plus {data.condition_channels} of first-frame condition" if data.condition_channels else ""
+        raise UserError(f"cache latents have {data.latent_channels} channels{condition} but the {adapter.name} "
+                         f"transformer takes {channels}: the cache was made with another VAE or for another kind of "
+                         "model (text- or image-to-video); precompute it with this model")
+    image_dim = adapter.image_embedding_dim(model)
+    if data.image_embeds_dim != image_dim:
+        cached = f"{data.image_embeds_dim}-wide" if data.image_embeds_dim else "no"
+        taken = f"{image_dim}-wide" if image_dim else "none"
+        raise UserError(f"the cache holds {cached} image embeddings of the first frame but the transformer takes "
+                         f"{taken}: precompute the cache with this model's pipeline")
     text_dim = adapter.text_embedding_dim(model)
     if data.text_dim != text_dim:
         raise UserError(f"cache text embeddings are {data.text_dim}-wide but the transformer takes {text_dim}: "
@@ -152,15 +176,19 @@ def scheduler_settings(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[dict, 
     return load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler"), f"flow shift from {path}"
 
 
-def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
-                    projector: nn.Module | None) -> torch.optim.Optimizer:
-    """The configured optimizer over the trainable transformer weights and the projector.
+def build_optimizer(cfg: TrainConfig, transformer: nn.Module, projector: nn.Module | None,
+                    *more: tuple[nn.Module, nn.Module | None]) -> torch.optim.Optimizer:
+    """The configured optimizer over the trainable transformer weights and the projector (and those of `more`
+    denoisers: one param group each, in order).
 
     Adam(W) runs fused: one kernel per step, and none of the foreach path's parameter-sized temporaries.
     """
-    groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-    if projector is not None:
-        groups.append({"params": list(projector.parameters()), "lr": cfg.crepa_projector_lr or cfg.learning_rate})
+    groups = []
+    for model, crepa_projector in ((transformer, projector), *more):
+        groups.append({"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.learning_rate})
+        if crepa_projector is not None:
+            groups.append({"params": list(crepa_projector.parameters()),
+                           "lr": cfg.crepa_projector_lr or cfg.learning_rate})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.9)
     if cfg.optimizer == "adam":
@@ -204,39 +232,22 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     scheduler_config, shift_source = scheduler_settings(cfg, adapter)
 
     enable_tf32()
-    transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
-                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
-    check_compatibility(adapter, transformer, data, cfg)
-    if cfg.full:
-        transformer.requires_grad_(True)
-    else:
-        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
-                 cfg.lora_target_modules or list(adapter.default_lora_targets))
-        if cfg.comfyui_export:
-            check_comfyui_export(adapter, transformer)
-    prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    projector = None
-    if cfg.crepa_enabled:
-        hidden_dim = adapter.hidden_dim(transformer)
-        teacher_dim = hidden_dim if cfg.crepa_use_backbone_features else data.teacher_dim
-        projector = CrepaProjector(hidden_dim, teacher_dim, kind=cfg.crepa_projector)
+    stages = training_stages(cfg.model, cfg.expert)
+    built = [_trainable_denoiser(cfg, adapter, data, stage) for stage in stages]
 
     steps_per_epoch = max(1, data.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.num_train_epochs
-    optimizer = build_optimizer(cfg, transformer, projector)
+    optimizer = build_optimizer(cfg, *built[0], *built[1:])
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    if projector is not None:
-        transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
-    else:
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    trainables = [m for m in (transformer, projector) if m is not None]
+    *trainables, optimizer = accelerator.prepare(*[m for pair in built for m in pair if m is not None], optimizer)
+    prepared = iter(trainables)
+    denoisers = DenoiserSet([Denoiser(stage, next(prepared), None if projector is None else next(prepared))
+                             for stage, (_, projector) in zip(stages, built, strict=True)])
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
-    state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
+    first = denoisers.denoisers[0]
+    parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config)
+    state = TrainState(denoisers, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     if cfg.resume:
@@ -246,9 +257,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         print(f"{data.describe()}, {world} process(es) x batch "
               f"{cfg.batch_size} x accumulation {cfg.gradient_accumulation_steps} = "
               f"{world * cfg.batch_size * cfg.gradient_accumulation_steps} clips/step; {steps_per_epoch} steps/epoch, "
-              f"{max_steps} steps; trainable {sum(p.numel() for p in optimizer.param_groups[0]['params']):,} "
-              f"transformer + {sum(p.numel() for p in projector.parameters()) if projector else 0:,} projector params; "
-              f"{shift_source}; {describe_timesteps(cfg)}")
+              f"{max_steps} steps; {denoisers.describe()}: trainable {_count(d.transformer for d in denoisers):,} "
+              f"transformer + {_count(d.projector for d in denoisers):,} projector params; {shift_source}; "
+              f"{describe_timesteps(cfg)}")
     log = MetricsLog(cfg, accelerator, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
@@ -264,12 +275,13 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                 wall_start = time.perf_counter()
             else:
                 wait_total += time.perf_counter() - fetch
+            step_parts, chosen = parts.at_step(denoisers, state.step, batch["latents"].shape)
             # one gradient all-reduce per optimizer step, for the transformer and the projector alike;
             # backward divides the loss by the accumulation steps
             with accelerator.accumulate(*trainables):
-                loss, metrics = train_step(parts, batch, state.step, device)
+                loss, metrics = train_step(step_parts, batch, state.step, device)
                 accelerator.backward(loss)
-            for name, value in {"loss": loss.detach(), **metrics}.items():  # stays on the device: no sync here
+            for name, value in {"loss": loss.detach(), **metrics, **chosen}.items():  # on the device: no sync here
                 sums[name] = sums.get(name, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=device) / \
                     cfg.gradient_accumulation_steps
         grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, params, cfg.max_grad_norm or math.inf)
@@ -292,13 +304,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
     result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
     if main:
-        model = accelerator.unwrap_model(transformer)
-        if cfg.full:
-            model.save_pretrained(os.path.join(cfg.output_dir, "transformer"))
-        else:
-            result.lora_path = _save_lora(cfg, adapter, model, cfg.output_dir)
-        if projector is not None:
-            result.projector_path = save_projector(accelerator.unwrap_model(projector), cfg.output_dir)
+        saved = [_save_trained(cfg, adapter, component, model, projector)
+                 for component, (model, projector) in _unwrapped(accelerator, denoisers).items()]
+        result.lora_path, result.projector_path = saved[0]
         if os.path.exists(log.path):
             result.plot_path = plot_curves(log.path, os.path.join(cfg.output_dir, "training_curves.png"))
     accelerator.wait_for_everyone()
@@ -306,18 +314,71 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _save_lora(cfg: TrainConfig, adapter: FamilyAdapter, model: nn.Module, folder: str) -> str:
-    return save_lora(adapter, model, folder, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export)
+def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainData,
+                        stage: Stage) -> tuple[nn.Module, nn.Module | None]:
+    """The pipeline's transformer of `stage`, checked against the cache, made trainable; and its CREPA projector."""
+    override = cfg.transformer if stage.component == PRIMARY else None
+    transformer = load_pretrained(adapter.transformer_class(), cfg.model, stage.component, override,
+                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
+    check_compatibility(adapter, transformer, data, cfg)
+    if cfg.full:
+        transformer.requires_grad_(True)
+    else:
+        add_lora(transformer, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.lora_dropout,
+                 cfg.lora_target_modules or list(adapter.default_lora_targets))
+        if cfg.comfyui_export:
+            check_comfyui_export(adapter, transformer)
+    prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    projector = None
+    if cfg.crepa_enabled:
+        hidden_dim = adapter.hidden_dim(transformer)
+        teacher_dim = hidden_dim if cfg.crepa_use_backbone_features else data.teacher_dim
+        projector = CrepaProjector(hidden_dim, teacher_dim, kind=cfg.crepa_projector)
+    return transformer, projector
+
+
+def _save_trained(cfg: TrainConfig, adapter: FamilyAdapter, component: str, model: nn.Module,
+                  projector: nn.Module | None) -> tuple[str | None, str | None]:
+    """One pipeline component's LoRA (or full weights, under its subfolder) and projector; their paths."""
+    lora_path = None
+    if cfg.full:
+        model.save_pretrained(os.path.join(cfg.output_dir, component))
+    else:
+        lora_path = _save_lora(cfg, adapter, component, model, cfg.output_dir)
+    return lora_path, save_projector(projector, cfg.output_dir, component) if projector is not None else None
+
+
+def _save_lora(cfg: TrainConfig, adapter: FamilyAdapter, component: str, model: nn.Module, folder: str) -> str:
+    return save_lora(adapter, model, folder, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank, cfg.comfyui_export,
+                     component)
+
+
+def _count(modules: Iterable[nn.Module | None]) -> int:
+    """Trainable parameters of the modules (None counts 0)."""
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters() if p.requires_grad)
+
+
+def _unwrapped(accelerator, denoisers: DenoiserSet) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """Pipeline component -> its model and projector without the DDP / compile wrappers."""
+    return {d.stage.component: (accelerator.unwrap_model(d.transformer),
+                                accelerator.unwrap_model(d.projector) if d.projector is not None else None)
+            for d in denoisers}
 
 
 def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState, adapter: FamilyAdapter) -> None:
     """checkpoint-<step> in the output folder, with the LoRA files of that step, keeping the newest `keep_last`."""
-    model = accelerator.unwrap_model(state.transformer)
-    save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"), model=model,
-                    projector=accelerator.unwrap_model(state.projector) if state.projector is not None else None,
+    denoisers = _unwrapped(accelerator, state.denoisers)
+
+    def export(folder: str) -> None:
+        for component, (model, _) in denoisers.items():
+            _save_lora(cfg, adapter, component, model, folder)
+
+    save_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{state.step}"), denoisers=denoisers,
                     optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index,
-                    trainer_state=state.position(),
-                    export=None if cfg.full else lambda folder: _save_lora(cfg, adapter, model, folder))
+                    trainer_state=state.position(), export=None if cfg.full else export)
     if accelerator.is_main_process:
         prune_checkpoints(cfg.output_dir, cfg.keep_last)
 
@@ -325,8 +386,7 @@ def _checkpoint(cfg: TrainConfig, accelerator, state: TrainState, adapter: Famil
 def _resume(cfg: TrainConfig, accelerator, state: TrainState) -> None:
     """Restore `state` from the checkpoint `--resume` names."""
     saved = load_checkpoint(find_checkpoint(cfg.output_dir, cfg.resume),
-                            model=accelerator.unwrap_model(state.transformer),
-                            projector=accelerator.unwrap_model(state.projector) if state.projector else None,
-                            optimizer=state.optimizer, lr_scheduler=state.lr_scheduler, rank=accelerator.process_index)
+                            denoisers=_unwrapped(accelerator, state.denoisers), optimizer=state.optimizer,
+                            lr_scheduler=state.lr_scheduler, rank=accelerator.process_index)
     state.step, state.epoch, state.consumed = saved["step"], saved["epoch"], saved["consumed"]
     state.schedule.load_state_dict(saved["crepa_schedule"])

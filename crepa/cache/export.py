@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView, cache_family
-from crepa.cache.wds import export_webdataset
+from crepa.cache.wds import CONDITION_ARRAYS, export_webdataset
 
 
 def view_samples(view: CacheView) -> Iterator[dict]:
@@ -21,6 +21,9 @@ def view_samples(view: CacheView) -> Iterator[dict]:
             sample["text_pooled.npy"] = arrays["text_pooled"]
         if view.teacher is not None:
             sample["teacher.npy"] = arrays["teacher"]
+        for name in CONDITION_ARRAYS:  # image-to-video views
+            if name in arrays:
+                sample[f"{name}.npy"] = arrays[name]
         yield sample
 
 
@@ -32,6 +35,7 @@ def view_meta(view: CacheView) -> dict:
     teacher = view.teacher.attrs if view.teacher is not None else {}
     return {"family": view.family, "latents_set": view.latents.fingerprint, "text_set": view.text.fingerprint,
             "text_max_length": view.text.attrs["max_length"],
+            "condition_set": view.condition.fingerprint if view.condition is not None else None,
             "teacher_set": view.teacher.fingerprint if view.teacher is not None else None,
             "encoder": teacher.get("encoder"), "encoder_path": teacher.get("encoder_path")}
 

@@ -42,7 +42,7 @@ from crepa.cache.rows import ByteSource, Rows, open_rows
 from crepa.errors import UserError
 
 SCHEMA_VERSION = 1
-FEATURE_KINDS = ("latents", "teacher", "text")
+FEATURE_KINDS = ("latents", "teacher", "text", "condition")
 CACHE_FORMAT = "crepa-cache"
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # group, array, writer and plan names become path components
@@ -54,7 +54,8 @@ CODECS = ("zstd", "blosc", "none")
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """One set of features (latents, teacher or text) computed with one identity; entries are keyed by clip or text."""
+    """One set of features (latents, teacher, text or image-to-video condition) computed with one identity; entries
+    are keyed by clip or text."""
 
     kind: str
     """One of FEATURE_KINDS."""

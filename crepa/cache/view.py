@@ -1,4 +1,5 @@
-"""The training view of a cache: one latents set, one text set, optionally one teacher set, joined by key."""
+"""The training view of a cache: one latents set, one text set, optionally one teacher set and the first-frame
+condition set of image-to-video plans, joined by key."""
 
 from __future__ import annotations
 
@@ -57,17 +58,20 @@ class CacheView:
                 f"pass --family {families[0]} or precompute a cache for {family}"
             )
         plans = by_family[family]
-        pairs = {(plan["latents_set"], plan["text_set"]) for plan in plans.values()}
-        if len(pairs) > 1:
+        # plans from before image-to-video conditions have no condition set
+        made_with = {(plan["latents_set"], plan["text_set"], plan.get("condition_set")) for plan in plans.values()}
+        if len(made_with) > 1:
             raise UserError(
-                f"cache {store.url} holds {family} plans made with different VAEs or text encoders "
-                f"({', '.join(sorted(plans))}); precompute them with the same models or use separate caches"
+                f"cache {store.url} holds {family} plans made with different VAEs, text encoders or image "
+                f"conditionings ({', '.join(sorted(plans))}); precompute them with the same model or use separate "
+                "caches"
             )
-        latents_fp, text_fp = pairs.pop()
+        latents_fp, text_fp, condition_fp = made_with.pop()
         self.store = store
         self.family = family
         self.latents = self._by_fingerprint("latents", latents_fp)
         self.text = self._by_fingerprint("text", text_fp)
+        self.condition = self._by_fingerprint("condition", condition_fp) if condition_fp else None
         self.teacher = self._teacher_set(encoder) if with_teacher else None
 
         clips: dict[str, ViewClip] = {}
@@ -77,11 +81,13 @@ class CacheView:
                                                         entry["group"], entry["source"], entry["num_repeats"]))
         have_latents, have_text = store.keys(self.latents), store.keys(self.text)
         have_teacher = store.keys(self.teacher) if self.teacher is not None else None
+        have_condition = store.keys(self.condition) if self.condition is not None else None
         self.clips: list[ViewClip] = []
         self.incomplete: list[ViewClip] = []
         for clip in sorted(clips.values(), key=lambda c: c.key):
             complete = clip.key in have_latents and clip.text_key in have_text
             complete = complete and (have_teacher is None or clip.key in have_teacher)
+            complete = complete and (have_condition is None or clip.key in have_condition)
             (self.clips if complete else self.incomplete).append(clip)
 
     def _by_fingerprint(self, kind: str, fingerprint: str) -> FeatureSet:
@@ -115,7 +121,8 @@ class CacheView:
 
     def load(self, clip: ViewClip) -> dict[str, np.ndarray | str]:
         """{'key', 'fps', 'latents' (C, F, H, W), 'text' (L, D), 'text_pooled' (P,) where the text set has one,
-        'teacher' (F, ht, wt, D) when selected}.
+        'teacher' (F, ht, wt, D) when selected, 'condition' (C_c, F, H, W) and/or 'image_embeds' (N, D_img) where
+        the view has a condition set}.
 
         `fps` is the frame rate of the clip's sampled frames, from its latents entry; None where the entry was written
         without one (caches from before clips recorded it).
@@ -135,6 +142,8 @@ class CacheView:
                 sample["text_pooled"] = text["pooled"]
             if self.teacher is not None:  # the CLS token is not part of the training view
                 sample["teacher"] = self._teacher_patch(clip.key)
+            if self.condition is not None:
+                sample |= self.store.read(self.condition, clip.key)
         except EntryReadError as exc:
             url = self.store.url
             raise UserError(

@@ -1,8 +1,9 @@
 """WebDataset tar shards of cache samples and their index, for streaming the cache to many nodes.
 
 A sample is {"__key__": key, "latents.npy": array, "teacher.npy": array (optional), "text.npy": array,
-"json": dict}; in the tar it becomes members `<key>.latents.npy`, `<key>.teacher.npy`, `<key>.text.npy`
-and `<key>.json`, readable with plain `tar` and `webdataset.WebDataset`.
+"json": dict}, plus "condition.npy" and/or "image_embeds.npy" for image-to-video caches; in the tar it becomes
+members `<key>.latents.npy`, `<key>.teacher.npy`, `<key>.text.npy`, ... and `<key>.json`, readable with plain
+`tar` and `webdataset.WebDataset`.
 
 Beside the shards, `shards.json` is a wids shard index (`wids-shard-index-v1`: shard URLs relative to the
 index, with their sample counts), so a reader knows the epoch length without opening any shard. It also
@@ -33,8 +34,11 @@ REQUIRED_FIELDS = ("latents.npy", "text.npy", "json")
 INDEX_NAME = "shards.json"
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_PREFIX = "cache-"
-META_KEYS = ("family", "latents_set", "text_set", "text_max_length", "teacher_set", "encoder", "encoder_path")
+META_KEYS = ("family", "latents_set", "text_set", "text_max_length", "condition_set", "teacher_set", "encoder",
+             "encoder_path")
 """What an exported sample's json says the shards were made for; its index records the same under "crepa"."""
+CONDITION_ARRAYS = ("condition", "image_embeds")
+"""Arrays of a condition set (image-to-video first-frame conditioning), each a `<name>.npy` member where present."""
 
 
 def _check_sample(sample: dict, seen: set[str]) -> str:

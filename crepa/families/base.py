@@ -18,6 +18,18 @@ from crepa.errors import UserError
 
 TextEncoders = dict[str, Any]
 """The family's tokenizers and text encoders by pipeline subfolder: {"tokenizer": ..., "text_encoder": ..., ...}."""
+ImageEncoders = dict[str, Any]
+"""The pipeline's image encoder and its processor by subfolder: {"image_encoder": ..., "image_processor": ...}."""
+
+
+@dataclass(frozen=True)
+class ImageConditioning:
+    """What an image-to-video transformer takes besides the noisy latents and the text, read from its configs."""
+
+    condition_channels: int
+    """Channels of the latent condition its pipeline concatenates to the noisy latents (0: none)."""
+    image_embeds: bool
+    """Whether it also takes image-encoder embeddings of the first frame (from the pipeline's image_encoder)."""
 
 
 @dataclass
@@ -35,6 +47,12 @@ class Conditioning:
     """(B, P) pooled vector of a second text encoder, for families whose cache stores one."""
     fps: torch.Tensor | None = None
     """(B,) frame rate of each clip's sampled frames; NaN where the cache did not record it."""
+    condition: torch.Tensor | None = None
+    """(B, C_c, F, H, W) first-frame conditioning that an image-to-video pipeline concatenates to the noisy latents
+    along channels, as that pipeline builds it (Wan I2V: a mask of the given frame, then the VAE latents of the
+    first frame followed by zeros)."""
+    image_embeds: torch.Tensor | None = None
+    """(B, N, D_img) image-encoder embeddings of the first frame, for transformers that take them (Wan 2.1 I2V)."""
 
     @classmethod
     def from_batch(cls, batch: dict, device: torch.device) -> Conditioning:
@@ -140,6 +158,25 @@ class FamilyAdapter(ABC):
 
         noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale.
         """
+
+    image_encoder_class_name: str | None = None
+    """transformers class of the pipeline's `image_encoder` (processor in `image_processor`), for families whose
+    image-to-video transformers take image embeddings."""
+
+    def image_conditioning(self, transformer_config: dict, vae_config: dict) -> ImageConditioning | None:
+        """How the transformer of `transformer_config` is conditioned on a clip's first frame; None when it is not
+        (text-to-video). Families with image-to-video pipelines override this and `encode_condition`."""
+        return None
+
+    def encode_condition(self, vae: nn.Module, image_encoders: ImageEncoders | None, frames: torch.Tensor,
+                         conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """(F, H, W, 3) uint8 frames of a clip -> its first-frame conditioning, as the family's image-to-video
+        pipeline builds it from that frame: `condition` (C_c, f, h, w) and/or `image_embeds` (N, D_img)."""
+        raise NotImplementedError(f"the {self.name} family has no image-to-video conditioning")
+
+    def image_embedding_dim(self, transformer: nn.Module) -> int | None:
+        """Width of the image embeddings the transformer takes; None when it takes none."""
+        return None
 
     def prediction(self, output: Any, latent_shape: torch.Size) -> torch.Tensor:
         """The denoiser's forward output -> its (B, C, F, H, W) prediction for latents of `latent_shape`.

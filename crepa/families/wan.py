@@ -1,4 +1,11 @@
-"""Wan 2.1 / 2.2 text-to-video (WanTransformer3DModel, AutoencoderKLWan, UMT5)."""
+"""Wan 2.1 / 2.2 (WanTransformer3DModel, AutoencoderKLWan, UMT5): text-to-video, and image-to-video from a first frame.
+
+Image-to-video transformers (WanImageToVideoPipeline) take 2 * z_dim + t_c input channels: the noisy latents, then
+the pipeline's condition (a t_c-channel mask of the given frame and the VAE latents of the first frame followed by
+zeros); Wan 2.1 I2V also takes CLIP embeddings of the frame (`image_dim`). Which one a model is, is read from its
+transformer and VAE configs. Wan 2.2 TI2V-5B generating from text is a text-to-video model with a 48-channel,
+16x spatial VAE, read from the same configs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepa.families.base import Conditioning, FamilyAdapter, TextEncoders
+from crepa.errors import UserError
+from crepa.families.base import Conditioning, FamilyAdapter, ImageConditioning, ImageEncoders, TextEncoders
 
 
 def _latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +67,7 @@ class WanAdapter(FamilyAdapter):
     vae_class_name = "AutoencoderKLWan"
     text_encoder_classes = {"text_encoder": "UMT5EncoderModel"}
     pipeline_class_name = "WanPipeline"
+    image_encoder_class_name = "CLIPVisionModel"
     default_text_max_length = 512
     default_flow_shift = 3.0
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
@@ -102,8 +111,53 @@ class WanAdapter(FamilyAdapter):
     def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                            conditioning: Conditioning) -> dict:
         # Wan attends to the zero-padded text tokens without a mask, exactly as its pipeline does.
-        return dict(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=conditioning.text,
-                    return_dict=False)
+        hidden = noisy_latents
+        if conditioning.condition is not None:  # image-to-video: (B, C + C_c, F, H, W) as WanImageToVideoPipeline
+            hidden = torch.cat([noisy_latents, conditioning.condition.to(noisy_latents.dtype)], dim=1)
+        kwargs = dict(hidden_states=hidden, timestep=timesteps, encoder_hidden_states=conditioning.text,
+                      return_dict=False)
+        if conditioning.image_embeds is not None:
+            kwargs["encoder_hidden_states_image"] = conditioning.image_embeds
+        return kwargs
+
+    def image_conditioning(self, transformer_config: dict, vae_config: dict) -> ImageConditioning | None:
+        latent_channels = vae_config["z_dim"]
+        extra = transformer_config["in_channels"] - latent_channels
+        temporal, _ = self.vae_compression(vae_config)
+        if extra not in (0, latent_channels + temporal):
+            raise UserError(
+                f"the wan transformer takes {transformer_config['in_channels']} input channels, but with this VAE "
+                f"(z_dim {latent_channels}, temporal compression {temporal}) a text-to-video model takes "
+                f"{latent_channels} and an image-to-video model {2 * latent_channels + temporal}",
+                fix="use the VAE of the transformer's own pipeline")
+        takes_images = transformer_config.get("image_dim") is not None
+        return ImageConditioning(extra, takes_images) if extra or takes_images else None
+
+    def encode_condition(self, vae: nn.Module, image_encoders: ImageEncoders | None, frames: torch.Tensor,
+                         conditioning: ImageConditioning) -> dict[str, torch.Tensor]:
+        """WanImageToVideoPipeline.prepare_latents' condition and encode_image's embeddings, from the first frame."""
+        arrays = {}
+        if conditioning.condition_channels:
+            count, height, width, _ = frames.shape
+            first = frames[:1].permute(3, 0, 1, 2).unsqueeze(0).float().div_(127.5).sub_(1.0)  # (1, 3, 1, H, W)
+            video = torch.cat([first, first.new_zeros(1, 3, count - 1, height, width)], dim=2)
+            latents = self.encode_video(vae, video)  # (1, C, f, h, w): the argmax latents, normalised
+            temporal, _ = self.vae_compression(vae.config)
+            mask = torch.zeros(1, temporal, *latents.shape[2:], device=latents.device, dtype=latents.dtype)
+            mask[:, :, 0] = 1.0  # the first latent frame's t_c pixel frames are all the given frame
+            arrays["condition"] = torch.cat([mask, latents], dim=1)[0]
+        if conditioning.image_embeds:
+            from PIL import Image
+
+            encoder = image_encoders["image_encoder"]
+            image = Image.fromarray(frames[0].cpu().numpy())
+            pixels = image_encoders["image_processor"](images=image, return_tensors="pt")["pixel_values"]
+            hidden = encoder(pixel_values=pixels.to(encoder.device, encoder.dtype), output_hidden_states=True)
+            arrays["image_embeds"] = hidden.hidden_states[-2][0]  # the penultimate layer, as the pipeline takes
+        return arrays
+
+    def image_embedding_dim(self, transformer: nn.Module) -> int | None:
+        return self.unwrap(transformer).config.image_dim
 
     def text_embedding_dim(self, transformer: nn.Module) -> int:
         return self.unwrap(transformer).config.text_dim

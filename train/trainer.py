@@ -18,14 +18,18 @@ from crepa.families import Conditioning, FamilyAdapter, get_family
 from crepa.families.loading import config_file, load_config, load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
+from crepa.prompts import EMPTY_PROMPT
 from crepa.schedule import CrepaWeightSchedule
+from train.caption_dropout import drop_captions, dropped_captions
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
+from train.data import prompt_conditioning
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.validation import Validation
 
 
 @dataclass
@@ -36,6 +40,8 @@ class TrainResult:
     plot_path: str | None
     data_wait_fraction: float
     """Share of the steady-state wall time spent waiting for batches (after the first, which starts workers)."""
+    validation_dir: str | None = None
+    """Where this (main) process wrote validation samples, if it did."""
 
 
 @dataclass
@@ -49,6 +55,8 @@ class StepParts:
     config: TrainConfig
     scheduler_config: dict
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
+    empty_text: Conditioning | None = None
+    """The cached empty prompt (one prompt) that replaces dropped captions; None without caption dropout."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
@@ -89,8 +97,11 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
                                  shift, cfg.logit_mean, cfg.logit_std, device)
     noisy, target = noisy_input(latents, noise, sigmas)
-    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
-                                              Conditioning.from_batch(batch, device))
+    conditioning = Conditioning.from_batch(batch, device)
+    if parts.empty_text is not None:
+        conditioning = drop_captions(conditioning, parts.empty_text,
+                                     dropped_captions(batch["keys"], cfg.seed, step, cfg.caption_dropout))
+    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), conditioning)
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": shift}
@@ -203,6 +214,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
     scheduler_config, shift_source = scheduler_settings(cfg, adapter)
+    empty_text = None
+    if cfg.caption_dropout > 0:
+        empty_text = prompt_conditioning(data.prompt_texts([EMPTY_PROMPT], "--caption-dropout"), data.text_length)
+    validation = Validation.build(cfg, adapter, data) if cfg.validation_prompts else None
 
     enable_tf32()
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
@@ -236,7 +251,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainables = [m for m in (transformer, projector) if m is not None]
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
+    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config, empty_text)
     state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -253,7 +268,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     log = MetricsLog(cfg.output_dir, cfg.report_to, main, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
-    wait_total, wall_start = 0.0, None
+    wait_total, wall_start, validation_dir = 0.0, None, None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     while state.step < max_steps:
         start = time.perf_counter()
@@ -288,11 +303,14 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         bar.update(1)
         if state.step % cfg.checkpointing_steps == 0 and state.step < max_steps:
             _checkpoint(cfg, accelerator, state)
+        if validation is not None and main and validation.due(state.step, max_steps):
+            validation_dir = validation.run(accelerator.unwrap_model(transformer), state.step, parts)
     bar.close()
     log.close()
     _checkpoint(cfg, accelerator, state)
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
-    result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
+    result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0,
+                         os.path.dirname(validation_dir) if validation_dir else None)
     if main:
         model = accelerator.unwrap_model(transformer)
         if cfg.full:

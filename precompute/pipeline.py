@@ -148,7 +148,6 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
             "datasets": [_resolved(dataset) for dataset in dataset_file.datasets],
             "latents_set": sets.latents.fingerprint,
             "text_set": sets.text.fingerprint,
-            "prompts": prompts,
         }, [clip.manifest_entry() for clip in mine], rank, world)
 
     # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key. The prompts

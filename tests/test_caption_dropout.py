@@ -84,7 +84,7 @@ def test_a_step_conditions_exactly_the_drawn_clips_on_the_cached_empty_prompt(tr
 
 
 def forget_prompts(cache: str) -> str:
-    """Make `cache` look as it would have before precompute encoded the empty prompt: no entry, no plan list."""
+    """Make `cache` look as it would have before precompute encoded the empty prompt: no entry for it."""
     view = CacheView(CacheStore.open(cache), "wan", with_teacher=False)
     key = view.prompt_key("")
     folder = os.path.join(cache, "manifest", view.text.path)
@@ -92,10 +92,6 @@ def forget_prompts(cache: str) -> str:
         manifest = json.load(open(os.path.join(folder, name)))
         if manifest["entries"].pop(key, None) is not None:
             json.dump(manifest, open(os.path.join(folder, name), "w"))
-    for name in os.listdir(os.path.join(cache, "plans")):
-        plan = json.load(open(os.path.join(cache, "plans", name)))
-        plan.pop("prompts")
-        json.dump(plan, open(os.path.join(cache, "plans", name), "w"))
     return key
 
 

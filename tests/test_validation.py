@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
-from test_train import train_config
+from test_train import forbid_encoders, train_config
 
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
@@ -32,20 +32,6 @@ from train.trainer import run_train
 from train.validation import Validation, flow_sigmas, initial_noise, sample_flow
 
 PROMPTS = ("a red ball bouncing", "two blue squares sliding slowly")
-
-
-def forbid_encoders(monkeypatch) -> None:
-    """Constructing the VAE, the text encoder, a vision encoder or a tokenizer fails the test."""
-    import diffusers
-    import transformers
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("training must not build this model")
-
-    for cls in (diffusers.AutoencoderKLWan, transformers.UMT5EncoderModel, transformers.Dinov2Model,
-                transformers.Dinov2WithRegistersModel, transformers.AutoTokenizer):
-        monkeypatch.setattr(cls, "__init__", forbidden)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
 
 
 def precompute_again(cache: str, models: dict, **options):
@@ -109,6 +95,9 @@ def test_validation_prompts_are_added_once_and_reruns_compute_nothing(validation
     assert all(view.prompt_text(prompt) is not None for prompt in PROMPTS)
     again = precompute_again(cache, tiny_models, validation_prompts=prompts_file)
     assert again.computed == {"latents": 0, "teacher": 0, "text": 0}
+    without = precompute_again(cache, tiny_models)  # e.g. after adding clips: the prompts stay served
+    assert without.computed == {"latents": 0, "teacher": 0, "text": 0}
+    assert CacheView(CacheStore.open(cache), "wan").prompts() == ["", *sorted(PROMPTS)]
 
 
 # ---- the sampler

@@ -143,7 +143,6 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     sampler.set_epoch(0)
     first = dataset[0]  # shapes the model must accept; check_compatibility compares them before step 0
     first_bucket = min(range(len(dataset.clips)), key=lambda i: (dataset.clips[i].group, i))
-    latents = view.latents.attrs
     return TrainData(
         clips=len(dataset.clips), incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
         latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,
@@ -151,7 +150,7 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
         teacher_frames=first["teacher"].shape[0] if "teacher" in first else None,
         batches_per_epoch=len(sampler), loader_for_epoch=loader_for_epoch,
         bucket_latent_shape=tuple((first if first_bucket == 0 else dataset[first_bucket])["latents"].shape),
-        vae_compression=(latents["temporal_compression"], latents["spatial_compression"]),
+        vae_compression=view.vae_compression(),
         prompt_text=view.prompt_text,
         prompts_fix=lambda options: f"rerun {view.precompute_command(options)} with the other options that made "
                                     "the cache; it computes only what is missing",

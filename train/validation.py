@@ -185,9 +185,9 @@ def _sample_shape(cfg: TrainConfig, adapter: FamilyAdapter,
         temporal, spatial = compression
         return data.bucket_latent_shape, [1 + (frames - 1) * temporal, height * spatial, width * spatial]
     if compression is None:
-        raise UserError("--validation-size needs the VAE compression, which these shards' index does not record "
-                        "(exported before it did)", fix="re-export them with `crepa cache export --format wds "
-                                                        "--overwrite`, or drop --validation-size")
+        raise UserError("--validation-size needs the VAE compression, which the cache does not record (shards "
+                        "exported before it did)", fix="re-export them with `crepa cache export --format wds "
+                                                       "--overwrite`, or drop --validation-size")
     temporal, spatial = compression
     frames, height, width = cfg.validation_size
     patch = load_config(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer).get("patch_size", 1)

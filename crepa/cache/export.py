@@ -44,12 +44,12 @@ def view_meta(view: CacheView, with_prompts: bool = False) -> dict:
     Its keys are `crepa.cache.wds.META_KEYS`, which `crepa cache index` reads back from the samples.
     """
     teacher = view.teacher.attrs if view.teacher is not None else {}
-    latents = view.latents.attrs
+    compression = view.vae_compression()
     return {"family": view.family, "latents_set": view.latents.fingerprint, "text_set": view.text.fingerprint,
             "text_max_length": view.text.attrs["max_length"],
             "teacher_set": view.teacher.fingerprint if view.teacher is not None else None,
             "encoder": teacher.get("encoder"), "encoder_path": teacher.get("encoder_path"),
-            "vae_compression": [latents["temporal_compression"], latents["spatial_compression"]],
+            "vae_compression": list(compression) if compression else None,
             "prompts": PROMPTS_NAME if with_prompts else None}
 
 

@@ -144,14 +144,23 @@ class CacheView:
             ) from exc
         return sample
 
+    def vae_compression(self) -> tuple[int, int] | None:
+        """(temporal, spatial) compression of the VAE that made the latents, as the latents set records it."""
+        attrs = self.latents.attrs
+        if "temporal_compression" not in attrs or "spatial_compression" not in attrs:
+            return None
+        return attrs["temporal_compression"], attrs["spatial_compression"]
+
     def _text_arrays(self, key: str) -> dict[str, np.ndarray]:
         """{'text' (L, D), 'text_pooled' (P,) where the text set has one} of a text entry."""
         text = self.store.read(self.text, key)
         return {"text": text["embeds"]} | ({"text_pooled": text["pooled"]} if "pooled" in text else {})
 
     def prompts(self) -> list[str]:
-        """The prompts besides clip captions (the empty prompt, validation prompts) the plans asked for, sorted."""
-        return sorted({prompt for plan in self.plans for prompt in plan.get("prompts", [])})
+        """The texts of the text set that no clip of the view has for caption (the empty prompt, validation prompts,
+        captions of clips no plan lists any more), sorted."""
+        used = {clip.text_key for clip in self.clips + self.incomplete}
+        return sorted({self.store.entry(self.text, key)["caption"] for key in self.store.keys(self.text) - used})
 
     def prompt_key(self, prompt: str) -> str:
         """The text key `prompt` has in this view's text set (what precompute files it under)."""

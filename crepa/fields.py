@@ -6,12 +6,14 @@ config's own validation (`check_fields`, called from `__post_init__`) and by the
 in --help), so the two cannot disagree:
 
 - `choices`: the allowed values;
-- `min` / `max`: the range of a number, inclusive unless `exclusive` is true (then both bounds are open);
+- `min` / `max`: the range of a number (of each item of a list of numbers), inclusive unless `exclusive` is true
+  (then both bounds are open);
+- `nargs`: the exact length of a list of numbers, given as that many values after its flag (`metavar` names them);
 - `aliases`: other names of the option (with dashes), the established names of other trainers, accepted on the
   command line and, with underscores, in config files.
 
-The type comes from the annotation (`int`, `float`, `bool`, `str`, `list[str]`, each optionally `| None`); floats
-must be finite.
+The type comes from the annotation (`int`, `float`, `bool`, `str`, `list[str]`, `list[int]`, each optionally
+`| None`); floats must be finite.
 """
 
 from __future__ import annotations
@@ -87,8 +89,13 @@ def check_fields(config: object) -> None:
 def _typed(field: dataclasses.Field, kind: typing.Any, value: typing.Any) -> typing.Any:
     """`value` as `kind` (an int for a float field becomes a float), or an error naming the expected type."""
     if typing.get_origin(kind) is list:
-        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
-        expected = "a list of strings"
+        (item_kind,) = typing.get_args(kind)
+        count = field.metadata.get("nargs")
+        ok = isinstance(value, list | tuple) and (count is None or len(value) == count)
+        ok = ok and all(isinstance(item, item_kind) and not isinstance(item, bool) for item in value)
+        value = list(value) if ok else value
+        expected = f"a list of {count or ''} {_TYPE_NAMES[item_kind].removeprefix('an ').removeprefix('a ')}s"
+        expected = expected.replace("  ", " ")
     else:
         numeric = kind is float and isinstance(value, int)
         ok = not isinstance(value, bool) or kind is bool
@@ -113,6 +120,10 @@ def _check_choice(field: dataclasses.Field, value: typing.Any) -> None:
 
 
 def _check_range(field: dataclasses.Field, value: typing.Any) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _check_range(field, item)
+        return
     low, high = field.metadata.get("min"), field.metadata.get("max")
     strict = field.metadata.get("exclusive", False)
     below = low is not None and (value <= low if strict else value < low)

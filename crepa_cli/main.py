@@ -21,11 +21,13 @@ def main(debug: bool) -> None:
 
 
 def _add_stage_commands() -> None:
+    from crepa_cli.decode import decode_command
     from crepa_cli.precompute import precompute_command
     from crepa_cli.train import train_command
 
     main.add_command(precompute_command)
     main.add_command(train_command)
+    main.add_command(decode_command)
 
 
 @main.group("cache", cls=UserErrorGroup)

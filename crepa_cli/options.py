@@ -4,7 +4,8 @@ Each field becomes `--<flag>` (see crepa.fields.flag_name) with the field's docs
 `metadata["choices"]` as a click.Choice and its `min`/`max` as a click range (--help shows e.g. [x>=1]). A field
 holding another dataclass is flattened: its fields become options of their own, and `build_config` nests them
 again. Booleans are `--x/--no-x`, unless the field names its
-own flag in metadata, which makes a one-way switch (`skip_teacher` is `--no-teacher`). Lists are comma-separated.
+own flag in metadata, which makes a one-way switch (`skip_teacher` is `--no-teacher`). Lists are comma-separated,
+except lists of a fixed length (`nargs`), whose values follow the flag (`--validation-size 81 480 832`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _click_type(field: dataclasses.Field, kind: typing.Any) -> typing.Any:
     if meta.get("choices"):
         return click.Choice(meta["choices"])
     if typing.get_origin(kind) is list:
-        return str
+        return _click_type(field, typing.get_args(kind)[0]) if "nargs" in meta else str
     if kind in (int, float) and ("min" in meta or "max" in meta):
         strict = meta.get("exclusive", False)
         number_range = click.IntRange if kind is int else click.FloatRange
@@ -72,7 +73,9 @@ def config_options(cls: type) -> Callable:
                 click_type = _click_type(field, kind)
                 default = {} if required else {"default": _default(field)}  # click counts a None default as given
                 names = [f"--{name}" for name in (flag, *flag_aliases(field))]
-                option = click.option(*names, param, type=click_type, required=required, help=help_text, **default)
+                values = {key: field.metadata[key] for key in ("nargs", "metavar") if key in field.metadata}
+                option = click.option(*names, param, type=click_type, required=required, help=help_text, **default,
+                                      **values)
             command = option(command)
         return command
 
@@ -94,5 +97,7 @@ def build_config(cls: type, values: dict[str, typing.Any], prefix: str = "") -> 
         value = values[param]
         if typing.get_origin(kind) is list and isinstance(value, str):
             value = [item.strip() for item in value.split(",") if item.strip()]
+        elif isinstance(value, tuple):  # the values of an option with nargs
+            value = list(value)
         kwargs[field.name] = value
     return cls(**kwargs)

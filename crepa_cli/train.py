@@ -6,6 +6,7 @@ import click
 from click.core import ParameterSource
 
 from crepa.errors import UserError
+from crepa_cli.decode import decode_run
 from crepa_cli.errors import UserErrorCommand
 from crepa_cli.options import CONTEXT_SETTINGS, build_config, config_options
 from train.config import TrainConfig, read_config_file
@@ -25,13 +26,16 @@ def train_command(ctx: click.Context, config_file: str | None, **options) -> Non
     for name, value in options.items():
         if config_file is None or ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
             merged[name] = value
-    result = run_train(_build(merged, from_file, config_file))
+    config = _build(merged, from_file, config_file)
+    result = run_train(config)
     if result.lora_path:
         click.echo(f"LoRA: {result.lora_path}")
     if result.projector_path:
         click.echo(f"projector: {result.projector_path}")
     if result.plot_path:
         click.echo(f"curves: {result.plot_path}")
+    if config.decode_validation and result.validation_dir:  # the main process, once the transformer is freed
+        decode_run(config.output_dir)
 
 
 def _build(merged: dict, from_file: dict, config_file: str | None) -> TrainConfig:

@@ -82,6 +82,9 @@ class PrecomputeConfig:
     """Seed of the posterior draws in `sample` mode."""
     text_max_length: int | None = field(default=None, metadata={"min": 1})
     """Tokenizer max length (default: the family pipeline's)."""
+    validation_prompts: str | None = None
+    """Text file of prompts, one a line, to encode beside the captions for `crepa train --validation-prompts`
+    (the empty prompt is always encoded)."""
     encoder_batch_size: int = field(default=16, metadata={"min": 1})
     """Frames per vision-encoder forward."""
     text_batch_size: int = field(default=16, metadata={"min": 1})

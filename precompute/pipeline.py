@@ -1,7 +1,7 @@
 """`run_precompute`: clips -> cache, as a chain of small stages.
 
     this rank's slice of the videos -> its plan (probed, written as its part) -> what is missing
-      -> text stage: unique captions -> text encoder -> text set
+      -> text stage: unique captions, the empty prompt and validation prompts -> text encoder -> text set
       -> video stage: decode pool (CPU workers) -> VAE -> latents set
                                               |-> DINOv2 -> teacher set
                                               \\-> first frame -> VAE (+ image encoder) -> condition set
@@ -34,12 +34,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crepa.cache.keys import text_key
 from crepa.cache.quantize import quantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
 from crepa.families.base import ImageConditioning, ImageEncoders
 from crepa.families.loading import load_config, resolve_dtype
+from crepa.prompts import EMPTY_PROMPT, read_prompts
 from precompute.config import PrecomputeConfig
 from precompute.dataset_config import DatasetConfig, load_dataset_config
 from precompute.decode import DecodePool, DecodeResult
@@ -153,6 +155,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
         check_bucket_sizes(dataset, spatial * patch, config.dataset_config)
     encoder_config = None if config.skip_teacher else _encoder_config(config)
     max_length = config.text_max_length or adapter.default_text_max_length
+    prompts = [EMPTY_PROMPT, *(read_prompts(config.validation_prompts) if config.validation_prompts else [])]
 
     store = open_output(config.out, dry_run=config.dry_run)
     sets = open_feature_sets(store, adapter, config, dtypes, vae_config, max_length, encoder_config, conditioning)
@@ -168,8 +171,12 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
             "condition_set": sets.condition.fingerprint if sets.condition is not None else None,
         }, [clip.manifest_entry() for clip in mine], rank, world)
 
-    # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key.
-    my_captions = dict(sorted({clip.text_key: clip.caption for clip in mine}.items()))
+    # A caption shared by clips of two ranks is encoded by both; the store keeps one entry per key. The prompts
+    # are captions of no clip, encoded by rank 0 even when it plans no clip.
+    my_captions = {clip.text_key: clip.caption for clip in mine}
+    if rank == 0:
+        my_captions |= {text_key(prompt, sets.text.attrs["identity"], max_length): prompt for prompt in prompts}
+    my_captions = dict(sorted(my_captions.items()))
     todo = _missing(store, sets, mine, my_captions, config.regenerate)
     summary = PrecomputeSummary(planned=len(mine), planned_images=sum(clip.image for clip in mine), skipped=skipped)
     summary.computed = {kind: len(keys) for kind, keys in todo.items()

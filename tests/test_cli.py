@@ -12,7 +12,7 @@ def test_help_lists_commands():
     result = CliRunner().invoke(main, ["--help"], prog_name="crepa")
     assert result.exit_code == 0, result.output
     assert "Usage: crepa" in result.output
-    for command in ("precompute", "train", "cache", "demo"):
+    for command in ("precompute", "train", "decode", "cache", "demo"):
         assert command in result.output
 
 
@@ -28,7 +28,7 @@ LEGACY_PRECOMPUTE_OPTIONS = (
     "--no-teacher", "--device", "--vae-dtype", "--encoder-dtype", "--text-encoder-dtype", "--image-encoder-dtype",
     "--latents-dtype", "--text-dtype", "--latent-sampling", "--seed", "--text-max-length", "--encoder-batch-size",
     "--text-batch-size", "--vae-tiling", "--vae-slicing", "--offload", "--decode-workers", "--decode-timeout",
-    "--regenerate", "--dry-run", "--strict", "--max-segment-mb", "--segment-clips", "--codec",
+    "--regenerate", "--dry-run", "--strict", "--max-segment-mb", "--segment-clips", "--codec", "--validation-prompts",
 )
 
 

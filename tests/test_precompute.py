@@ -32,7 +32,7 @@ def config_for(dataset: str, out: str, models: dict, **kw) -> PrecomputeConfig:
 def test_shapes_dtypes_and_self_description(tmp_path, dataset, tiny_models):
     out = str(tmp_path / "cache")
     summary = run_precompute(config_for(dataset, out, tiny_models, decode_workers=1))
-    assert summary.computed == {"latents": 3, "teacher": 3, "text": 3}
+    assert summary.computed == {"latents": 3, "teacher": 3, "text": 4}  # 3 captions and the empty prompt
     view = CacheView(CacheStore.open(out), "wan")
     assert len(view.clips) == 3 and not view.incomplete
     sample = view.load(view.clips[0])
@@ -364,7 +364,7 @@ def test_webdataset_input_is_read_by_the_decode_workers(tmp_path, tiny_models):
                       'webdataset = "in-000.tar"\n')
     out = str(tmp_path / "cache")
     summary = run_precompute(config_for(str(config), out, tiny_models, skip_teacher=True, decode_workers=1))
-    assert summary.computed == {"latents": 2, "teacher": 0, "text": 2} and not summary.skipped
+    assert summary.computed == {"latents": 2, "teacher": 0, "text": 3} and not summary.skipped  # + ""
     assert len(CacheView(CacheStore.open(out), "wan", with_teacher=False).clips) == 2
 
 

@@ -140,7 +140,8 @@ def test_mismatches_fail_before_the_first_step(tmp_path, trained_cache, tiny_mod
     assert not os.path.exists(tmp_path / "d" / "metrics.jsonl")
 
 
-def test_training_never_constructs_vae_or_encoders(tmp_path, trained_cache, tiny_models, monkeypatch):
+def forbid_encoders(monkeypatch) -> None:
+    """Constructing the VAE, the text encoder, a vision encoder or a tokenizer fails the test."""
     import diffusers
     import transformers
 
@@ -151,6 +152,10 @@ def test_training_never_constructs_vae_or_encoders(tmp_path, trained_cache, tiny
                 transformers.Dinov2WithRegistersModel, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "__init__", forbidden)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+
+
+def test_training_never_constructs_vae_or_encoders(tmp_path, trained_cache, tiny_models, monkeypatch):
+    forbid_encoders(monkeypatch)
     result = run_train(train_config(trained_cache, tiny_models, str(tmp_path / "run"), max_train_steps=2))
     assert result.steps == 2 and os.path.exists(result.lora_path)
 

@@ -129,7 +129,7 @@ TRAIN = ["--crepa-block-index", "1", "--max-train-steps", "2", "--report-to", "n
 def test_export_with_no_option_then_train_from_a_file_url(tmp_path, trained_cache, tiny_models):
     out = str(tmp_path / "shards")
     run([sys.executable, "-m", "crepa_cli", "cache", "export", "--format", "wds", trained_cache, out])
-    assert sorted(os.listdir(out)) == ["cache-000000.tar", "shards.json"]
+    assert sorted(os.listdir(out)) == ["cache-000000.tar", "prompts.tar", "shards.json"]
     run_dir = str(tmp_path / "run")
     done = run([sys.executable, "-m", "crepa_cli", "train", "--cache", f"file://{out}", "--model", tiny_models["wan"],
                 "--output-dir", run_dir, *TRAIN])

@@ -153,6 +153,25 @@ class TrainConfig:
     """Flow shift k (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
     dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
+    caption_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    """Share of clips trained on the empty prompt instead of their caption (for classifier-free guidance), drawn
+    per (seed, step, clip)."""
+
+    # validation samples
+    validation_prompts: str | None = None
+    """Text file of prompts, one a line, sampled during training into validation/step-N/ (precompute their text
+    with `crepa precompute --validation-prompts` first)."""
+    validation_every: int = field(default=500, metadata={"min": 1})
+    """Sample the validation prompts every N steps and after the last."""
+    validation_steps: int = field(default=30, metadata={"min": 1})
+    """Denoising (Euler) steps of a validation sample."""
+    validation_guidance: float = field(default=5.0, metadata={"min": 1.0})
+    """Classifier-free guidance scale against the empty prompt (1: no guidance, one forward a step)."""
+    validation_size: list[int] | None = field(default=None, metadata={"nargs": 3, "min": 1,
+                                                                      "metavar": "FRAMES HEIGHT WIDTH"})
+    """Pixel frames, height and width of the validation samples (default: the cache's first bucket)."""
+    decode_validation: bool = False
+    """After training, decode the validation latents with the VAE into mp4s and contact sheets (`crepa decode`)."""
 
     # checkpoints and logging
     save_every: int = field(default=500, metadata={"min": 1, "aliases": ("checkpointing-steps",)})

@@ -20,6 +20,7 @@ from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView, ViewClip
 from crepa.cache.wds import CONDITION_ARRAYS, INDEX_NAME, decoded, shard_samples
 from crepa.errors import UserError
+from crepa.families import Conditioning
 
 
 def is_webdataset(cache: str) -> bool:
@@ -199,8 +200,9 @@ class WebDatasetClips(IterableDataset):
                            **{name: sample.get(f"{name}.npy") for name in CONDITION_ARRAYS}})
 
 
-def collate(samples: list[dict], text_length: int) -> dict:
-    """Stack one bucket's samples; text is zero-padded to the cached max length with a mask, fps NaN where unknown."""
+def collate_text(samples: list[dict], text_length: int) -> dict:
+    """{'text' (B, L, D) zero-padded to the cached max length L, 'text_mask' (B, L), 'text_pooled' (B, P) where
+    the samples have one} from samples' 'text' (L_i, D) and 'text_pooled' (P,) tensors."""
     size, text_dim = len(samples), samples[0]["text"].shape[-1]
     text = batch_tensor((size, text_length, text_dim), torch.float32)
     mask = torch.zeros(size, text_length, dtype=torch.bool)
@@ -209,10 +211,26 @@ def collate(samples: list[dict], text_length: int) -> dict:
         text[row, :length] = sample["text"][:length]
         text[row, length:] = 0
         mask[row, :length] = True
+    batch = {"text": text, "text_mask": mask}
+    if "text_pooled" in samples[0]:
+        batch["text_pooled"] = stack([s["text_pooled"] for s in samples])
+    return batch
+
+
+def prompt_conditioning(texts: list[dict], text_length: int) -> Conditioning:
+    """The Conditioning of prompts' cached text arrays ('text' (L_i, D), maybe 'text_pooled' (P,)), padded as
+    `collate` pads a batch's; fps NaN, which leaves the frame rate to the family."""
+    samples = [{name: torch.from_numpy(np.asarray(array, dtype=np.float32)) for name, array in text.items()}
+               for text in texts]
+    return Conditioning(**collate_text(samples, text_length), fps=torch.full((len(texts),), math.nan))
+
+
+def collate(samples: list[dict], text_length: int) -> dict:
+    """Stack one bucket's samples; text is zero-padded to the cached max length with a mask, fps NaN where unknown."""
     batch = {"keys": [s["key"] for s in samples], "latents": stack([s["latents"] for s in samples]),
-             "text": text, "text_mask": mask,
+             **collate_text(samples, text_length),
              "fps": torch.tensor([math.nan if s.get("fps") is None else s["fps"] for s in samples])}
-    for name in ("text_pooled", *CONDITION_ARRAYS, "teacher"):
+    for name in (*CONDITION_ARRAYS, "teacher"):
         if name in samples[0]:
             batch[name] = stack([s[name] for s in samples])
     return batch

@@ -114,13 +114,15 @@ class DenoiserSet:
         """The denoiser that trains at `step`: the one whose range holds the step's own draw from the density."""
         if len(self.denoisers) == 1:
             return 0
-        sigma = float(sampling.sample(1, clip_generator(seed, step, "denoiser", torch.device("cpu"))))
+        return self.index_of(float(sampling.sample(1, clip_generator(seed, step, "denoiser", torch.device("cpu")))))
+
+    def index_of(self, sigma: float) -> int:
+        """The denoiser whose range holds the noise level `sigma`."""
         for index, denoiser in enumerate(self.denoisers):
             low, high = denoiser.stage.sigma_range
             if low <= sigma < high or sigma == high == 1.0:
                 return index
-        # a single expert of a two-expert pipeline never gets here: it has one denoiser
-        raise AssertionError(f"sigma {sigma} lies in no trained range ({self.describe()})")
+        raise ValueError(f"sigma {sigma} lies in no trained range ({self.describe()})")
 
 
 def component_file(name: str, component: str) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from crepa.cache.atomic import is_local
 from crepa.cache.store import CacheStore
 from crepa.cache.view import cache_family
-from crepa.cache.wds import CONDITION_ARRAYS, ShardIndex, iter_webdataset, read_index
+from crepa.cache.wds import CONDITION_ARRAYS, ShardIndex, iter_webdataset, read_index, read_prompt_texts
 from crepa.encoders import resolve_encoder
 from crepa.errors import UserError
 from train.config import TrainConfig
@@ -40,6 +41,27 @@ class TrainData:
     """Channels of the image-to-video condition concatenated to the latents (0: none cached)."""
     image_embeds_dim: int | None = None
     """Width of the cached first-frame image embeddings (None: none cached)."""
+    bucket_latent_shape: tuple[int, ...] = ()
+    """(C, f, h, w) of the latents of the cache's first bucket (by name; for shards, the first sample's)."""
+    vae_compression: tuple[int, int] | None = None
+    """(temporal, spatial) compression of the VAE that made the latents, as the cache records it."""
+    prompt_text: Callable[[str], dict | None] = field(default=lambda prompt: None, repr=False)
+    """The cached text arrays ('text' (L, D), maybe 'text_pooled' (P,)) of a prompt that is no clip's caption (the
+    empty prompt, validation prompts); None where the cache lacks it."""
+    prompts_fix: Callable[[str], str] = field(default=lambda options: f"rerun `crepa precompute{options}`",
+                                              repr=False)
+    """How to add missing prompts to this cache, given the precompute options that add them."""
+
+    def prompt_texts(self, prompts: list[str], needed_for: str, options: str = "") -> list[dict]:
+        """The cached text arrays of `prompts`, or one error naming the missing ones and the command that adds them."""
+        texts = [self.prompt_text(prompt) for prompt in prompts]
+        missing = [repr(prompt) for prompt, text in zip(prompts, texts, strict=True) if text is None]
+        if missing:
+            raise UserError(f"{needed_for} needs the text of prompt(s) {', '.join(missing[:5])}"
+                            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}, which the cache does "
+                            "not hold (made before they were added, or without them)",
+                            fix=self.prompts_fix(options))
+        return texts
 
     def describe(self) -> str:
         """The start-up line's account of the data."""
@@ -124,12 +146,18 @@ def _zarr_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int) -> T
     sampler.check_not_empty()
     sampler.set_epoch(0)
     first = dataset[0]  # shapes the model must accept; check_compatibility compares them before step 0
+    first_bucket = min(range(len(dataset.clips)), key=lambda i: (dataset.clips[i].group, i))
     return TrainData(
         clips=len(dataset.clips), incomplete=len(view.incomplete), latent_channels=first["latents"].shape[0],
         latent_frames=first["latents"].shape[1], text_dim=first["text"].shape[-1], text_length=text_length,
         teacher_dim=first["teacher"].shape[-1] if "teacher" in first else None,
         teacher_frames=first["teacher"].shape[0] if "teacher" in first else None,
         batches_per_epoch=len(sampler), loader_for_epoch=loader_for_epoch, **condition_shapes(first),
+        bucket_latent_shape=tuple((first if first_bucket == 0 else dataset[first_bucket])["latents"].shape),
+        vae_compression=view.vae_compression(),
+        prompt_text=view.prompt_text,
+        prompts_fix=lambda options: f"rerun {view.precompute_command(options)} with the other options that made "
+                                    "the cache; it computes only what is missing",
     )
 
 
@@ -189,6 +217,8 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
     stream = WebDatasetClips(index.urls, cfg.batch_size, cfg.seed, with_teacher, batches_per_epoch=batches_per_epoch,
                              rank=rank, world=world, num_repeats=cfg.num_repeats)
     first = next(iter_webdataset(index.urls[:1]))  # shapes and text length from the first sample
+    prompts = functools.cache(lambda: read_prompt_texts(index))  # read when a prompt is first asked for
+    compression = index.meta.get("vae_compression")
     meta, latents, text, teacher = first["json"], first["latents.npy"], first["text.npy"], first.get("teacher.npy")
     if with_teacher and teacher is None:
         raise UserError(f"shards in {cfg.cache} carry no teacher features; export them with the teacher")
@@ -208,4 +238,9 @@ def _webdataset_data(cfg: TrainConfig, with_teacher: bool, rank: int, world: int
         teacher_frames=teacher.shape[0] if teacher is not None else None,
         batches_per_epoch=batches_per_epoch, loader_for_epoch=loader_for_epoch, shards=len(index.urls),
         **condition_shapes({name: first.get(f"{name}.npy") for name in CONDITION_ARRAYS}),
+        bucket_latent_shape=tuple(latents.shape), vae_compression=tuple(compression) if compression else None,
+        prompt_text=lambda prompt: prompts().get(prompt),
+        prompts_fix=lambda options: f"rerun `crepa precompute{options}` (with the options that made the cache these "
+                                    "shards came from), then re-export them with `crepa cache export --format wds "
+                                    f"CACHE {posixpath.dirname(index.url)} --overwrite`",
     )

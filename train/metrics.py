@@ -64,7 +64,7 @@ class MetricsLog:
 
 def hyperparameters(cfg: TrainConfig) -> dict:
     """The run's options as trackers take them: lists joined with commas, unset options left out."""
-    return {name: ",".join(value) if isinstance(value, list) else value
+    return {name: ",".join(map(str, value)) if isinstance(value, list) else value
             for name, value in asdict(cfg).items() if value is not None}
 
 

@@ -19,15 +19,19 @@ from crepa.families import Conditioning, FamilyAdapter, get_family
 from crepa.families.loading import config_file, load_config, load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
+from crepa.prompts import EMPTY_PROMPT
 from crepa.schedule import CrepaWeightSchedule
+from train.caption_dropout import drop_captions, dropped_captions
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
+from train.data import prompt_conditioning
 from train.experts import PRIMARY, Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import TimestepSampling, describe_timesteps, noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves, tracker_options
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.validation import Validation
 
 
 @dataclass
@@ -38,6 +42,8 @@ class TrainResult:
     plot_path: str | None
     data_wait_fraction: float
     """Share of the steady-state wall time spent waiting for batches (after the first, which starts workers)."""
+    validation_dir: str | None = None
+    """Where this (main) process wrote validation samples, if it did."""
 
 
 @dataclass
@@ -53,6 +59,8 @@ class StepParts:
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
     sigma_range: tuple[float, float] | None = None
     """Noise levels the transformer denoises in its pipeline (one expert of several); None: all of them."""
+    empty_text: Conditioning | None = None
+    """The cached empty prompt (one prompt) that replaces dropped captions; None without caption dropout."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
@@ -104,8 +112,11 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, sampling, device)
     noisy, target = noisy_input(latents, noise, sigmas)
-    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
-                                              Conditioning.from_batch(batch, device))
+    conditioning = Conditioning.from_batch(batch, device)
+    if parts.empty_text is not None:
+        conditioning = drop_captions(conditioning, parts.empty_text,
+                                     dropped_captions(batch["keys"], cfg.seed, step, cfg.caption_dropout))
+    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), conditioning)
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": sampling.shift}
@@ -230,9 +241,13 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
     scheduler_config, shift_source = scheduler_settings(cfg, adapter)
+    stages = training_stages(cfg.model, cfg.expert)
+    empty_text = None
+    if cfg.caption_dropout > 0:
+        empty_text = prompt_conditioning(data.prompt_texts([EMPTY_PROMPT], "--caption-dropout"), data.text_length)
+    validation = Validation.build(cfg, adapter, data, stages) if cfg.validation_prompts else None
 
     enable_tf32()
-    stages = training_stages(cfg.model, cfg.expert)
     built = [_trainable_denoiser(cfg, adapter, data, stage) for stage in stages]
 
     steps_per_epoch = max(1, data.batches_per_epoch // cfg.gradient_accumulation_steps)
@@ -246,7 +261,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                              for stage, (_, projector) in zip(stages, built, strict=True)])
     schedule = CrepaWeightSchedule(cfg.schedule_config())
     first = denoisers.denoisers[0]
-    parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config)
+    parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config,
+                      empty_text=empty_text)
     state = TrainState(denoisers, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -263,7 +279,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     log = MetricsLog(cfg, accelerator, start_step=state.step)
     batches = data.iterate(state.epoch, state.consumed)
     bar = tqdm(total=max_steps, initial=state.step, desc="train", unit="step", disable=not main)
-    wait_total, wall_start = 0.0, None
+    wait_total, wall_start, validation_dir = 0.0, None, None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     while state.step < max_steps:
         start = time.perf_counter()
@@ -299,10 +315,14 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         bar.update(1)
         if state.step % cfg.save_every == 0 and state.step < max_steps:
             _checkpoint(cfg, accelerator, state, adapter)
+        if validation is not None and main and validation.due(state.step, max_steps):
+            unwrapped = [replace(d, transformer=accelerator.unwrap_model(d.transformer)) for d in denoisers]
+            validation_dir = validation.run(DenoiserSet(unwrapped), state.step, parts)
     bar.close()
     _checkpoint(cfg, accelerator, state, adapter)
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
-    result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
+    result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0,
+                         os.path.dirname(validation_dir) if validation_dir else None)
     if main:
         saved = [_save_trained(cfg, adapter, component, model, projector)
                  for component, (model, projector) in _unwrapped(accelerator, denoisers).items()]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from crepa.cache.keys import text_key
 from crepa.cache.quantize import dequantize_per_token
 from crepa.cache.store import CacheStore, EntryReadError, FeatureSet
 from crepa.encoders import resolve_encoder
@@ -69,6 +70,7 @@ class CacheView:
         latents_fp, text_fp, condition_fp = made_with.pop()
         self.store = store
         self.family = family
+        self.plans: list[dict] = [plans[name] for name in sorted(plans)]
         self.latents = self._by_fingerprint("latents", latents_fp)
         self.text = self._by_fingerprint("text", text_fp)
         self.condition = self._by_fingerprint("condition", condition_fp) if condition_fp else None
@@ -136,10 +138,7 @@ class CacheView:
                 "fps": self.store.entry(self.latents, clip.key).get("fps"),
                 "latents": self.store.read(self.latents, clip.key, ["latents"])["latents"],
             }
-            text = self.store.read(self.text, clip.text_key)
-            sample["text"] = text["embeds"]
-            if "pooled" in text:
-                sample["text_pooled"] = text["pooled"]
+            sample |= self._text_arrays(clip.text_key)
             if self.teacher is not None:  # the CLS token is not part of the training view
                 sample["teacher"] = self._teacher_patch(clip.key)
             if self.condition is not None:
@@ -153,6 +152,46 @@ class CacheView:
                     "training with --resume",
             ) from exc
         return sample
+
+    def vae_compression(self) -> tuple[int, int] | None:
+        """(temporal, spatial) compression of the VAE that made the latents, as the latents set records it."""
+        attrs = self.latents.attrs
+        if "temporal_compression" not in attrs or "spatial_compression" not in attrs:
+            return None
+        return attrs["temporal_compression"], attrs["spatial_compression"]
+
+    def _text_arrays(self, key: str) -> dict[str, np.ndarray]:
+        """{'text' (L, D), 'text_pooled' (P,) where the text set has one} of a text entry."""
+        text = self.store.read(self.text, key)
+        return {"text": text["embeds"]} | ({"text_pooled": text["pooled"]} if "pooled" in text else {})
+
+    def prompts(self) -> list[str]:
+        """The texts of the text set that no clip of the view has for caption (the empty prompt, validation prompts,
+        captions of clips no plan lists any more), sorted."""
+        used = {clip.text_key for clip in self.clips + self.incomplete}
+        return sorted({self.store.entry(self.text, key)["caption"] for key in self.store.keys(self.text) - used})
+
+    def prompt_key(self, prompt: str) -> str:
+        """The text key `prompt` has in this view's text set (what precompute files it under)."""
+        return text_key(prompt, self.text.attrs["identity"], self.text.attrs["max_length"])
+
+    def prompt_text(self, prompt: str) -> dict[str, np.ndarray] | None:
+        """The text arrays of `prompt` as `load` names them ('text', maybe 'text_pooled'); None when the text set
+        lacks it (a cache made before precompute encoded it)."""
+        key = self.prompt_key(prompt)
+        if key not in self.store.keys(self.text):
+            return None
+        try:
+            return self._text_arrays(key)
+        except EntryReadError as exc:
+            raise UserError(f"the cached text of prompt {prompt!r}: {exc}",
+                            fix=f"run `crepa cache repair {self.store.url}`, then rerun `crepa precompute`") from exc
+
+    def precompute_command(self, options: str = "") -> str:
+        """The `crepa precompute` command line(s) that fill this view, from its plans, with `options` added."""
+        configs = sorted({plan.get("dataset_config") or "DATASET.toml" for plan in self.plans})
+        return " and ".join(f"`crepa precompute --config {config} --family {self.family} --out {self.store.url}"
+                            f"{options}`" for config in configs)
 
     def _teacher_patch(self, key: str) -> np.ndarray:
         """(F, ht, wt, D) teacher features; int8 sets are dequantised with their per-token scales, to float16."""

@@ -3,7 +3,8 @@
 A sample is {"__key__": key, "latents.npy": array, "teacher.npy": array (optional), "text.npy": array,
 "json": dict}, plus "condition.npy" and/or "image_embeds.npy" for image-to-video caches; in the tar it becomes
 members `<key>.latents.npy`, `<key>.teacher.npy`, `<key>.text.npy`, ... and `<key>.json`, readable with plain
-`tar` and `webdataset.WebDataset`.
+`tar` and `webdataset.WebDataset`. The text of prompts that belong to no clip (the empty prompt, validation prompts)
+goes to `prompts.tar` in the same format, keyed by text key.
 
 Beside the shards, `shards.json` is a wids shard index (`wids-shard-index-v1`: shard URLs relative to the
 index, with their sample counts), so a reader knows the epoch length without opening any shard. It also
@@ -34,8 +35,11 @@ REQUIRED_FIELDS = ("latents.npy", "text.npy", "json")
 INDEX_NAME = "shards.json"
 INDEX_KIND = "wids-shard-index-v1"
 SHARD_PREFIX = "cache-"
+PROMPTS_NAME = "prompts.tar"
+"""Beside the shards: the text of the prompts that are no clip's caption (the empty prompt, validation prompts),
+one sample per prompt (`<text key>.text.npy`, `<text key>.json` with the caption); no training sample."""
 META_KEYS = ("family", "latents_set", "text_set", "text_max_length", "condition_set", "teacher_set", "encoder",
-             "encoder_path")
+             "encoder_path", "vae_compression", "prompts")
 """What an exported sample's json says the shards were made for; its index records the same under "crepa"."""
 CONDITION_ARRAYS = ("condition", "image_embeds")
 """Arrays of a condition set (image-to-video first-frame conditioning), each a `<name>.npy` member where present."""
@@ -64,14 +68,15 @@ def _old_files(fs: fsspec.AbstractFileSystem, root: str, out_dir: str, overwrite
     if names and not overwrite:
         raise UserError(f"{out_dir} is not empty; export into a new folder, or pass --overwrite to replace the "
                          "shards there")
-    return [n for n in names if n == INDEX_NAME or (n.startswith(SHARD_PREFIX) and n.endswith(".tar"))]
+    return [n for n in names if n in (INDEX_NAME, PROMPTS_NAME) or (n.startswith(SHARD_PREFIX) and n.endswith(".tar"))]
 
 
 def export_webdataset(
     samples: Iterable[dict], out_dir: str, *, maxcount: int = 1000, maxsize: int = 2**30,
-    meta: dict | None = None, overwrite: bool = False,
+    meta: dict | None = None, overwrite: bool = False, prompts: list[dict] | None = None,
 ) -> list[str]:
-    """Write samples to shards `cache-000000.tar`, ... and `shards.json` in `out_dir` (a path or fsspec URL).
+    """Write samples to shards `cache-000000.tar`, ..., `prompts` (samples with a text, no clip) to `prompts.tar`
+    when there are any, and `shards.json` in `out_dir` (a path or fsspec URL).
 
     A shard holds at most `maxcount` samples and closes once it passes `maxsize` bytes. Each is written
     under a temporary name and renamed when complete, so a crash never leaves a truncated shard. With
@@ -101,8 +106,14 @@ def export_webdataset(
                 pending = next(samples, None)
         entries.append({"url": name, "nsamples": count, "filesize": fs.size(posixpath.join(root, name)),
                         "repeated": repeated})
+    written = {e["url"] for e in entries} | {INDEX_NAME}
+    if prompts:
+        with atomic_open(fs, posixpath.join(root, PROMPTS_NAME)) as f, webdataset.TarWriter(f) as tar:
+            for sample in prompts:
+                tar.write(sample)
+        written.add(PROMPTS_NAME)
     write_json(fs, posixpath.join(root, INDEX_NAME), index_document(entries, meta or {}))
-    for name in set(old) - {e["url"] for e in entries} - {INDEX_NAME}:
+    for name in set(old) - written:
         fs.rm_file(posixpath.join(root, name))
     return [f"{prefix}/{e['url']}" for e in entries]
 
@@ -224,10 +235,22 @@ def iter_webdataset(urls: list[str]) -> Iterator[dict]:
     return decoded(shard_samples(urls))
 
 
+def read_prompt_texts(index: ShardIndex) -> dict[str, dict]:
+    """Prompt -> its text arrays ('text', maybe 'text_pooled') from the index's prompts file; {} without one."""
+    if not index.meta.get("prompts"):
+        return {}
+    texts = {}
+    for sample in iter_webdataset([_join(posixpath.dirname(index.url), index.meta["prompts"])]):
+        texts[sample["json"]["caption"]] = {"text": sample["text.npy"]} | (
+            {"text_pooled": sample["text_pooled.npy"]} if "text_pooled.npy" in sample else {})
+    return texts
+
+
 def write_index_for(folder: str) -> ShardIndex:
     """Count the samples of the `*.tar` shards in `folder` (made by hand or by an older export) into its index."""
     fs, root = fsspec.core.url_to_fs(folder)
-    names = sorted(posixpath.basename(p) for p in fs.glob(posixpath.join(root, "*.tar")))
+    names = sorted(name for name in (posixpath.basename(p) for p in fs.glob(posixpath.join(root, "*.tar")))
+                   if name != PROMPTS_NAME)
     if not names:
         raise FileNotFoundError(f"no *.tar shards in {folder}")
     base = folder.rstrip("/")

@@ -16,12 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crepa.errors import UserError
+from train.sharding import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
 
 PROJECTOR_WEIGHTS = "crepa_projector.safetensors"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_projector(projector: nn.Module, folder: str) -> str:
@@ -38,17 +35,19 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
     """Written to a temporary folder and renamed, so a crash never leaves a half checkpoint.
 
     `export(folder)` writes the usable weights (the LoRA files) into it on rank 0, inside that rename too.
+    Every rank calls it: FSDP shards are gathered to rank 0, so the files are those of an unsharded run.
     """
     tmp = f"{folder}.tmp"
+    weights, optimizer_saved = trainable_state(model, keep=rank == 0), optimizer_state(optimizer, keep=rank == 0)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        save_file(trainable_state(model), os.path.join(tmp, "trainable.safetensors"))
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
         if export is not None:
             export(tmp)
         if projector is not None:
             save_projector(projector, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+        torch.save({"optimizer": optimizer_saved, "lr_scheduler": lr_scheduler.state_dict()},
                    os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=2)
@@ -63,23 +62,21 @@ def save_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | Non
 
 def load_checkpoint(folder: str, *, model: nn.Module, projector: nn.Module | None, optimizer, lr_scheduler,
                     rank: int) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state."""
+    """Restore everything `save_checkpoint` wrote, each rank keeping its own FSDP shards; returns the trainer
+    state. Checkpoints do not depend on the number of ranks or on FSDP."""
     state = _read(os.path.join(folder, "trainable.safetensors"), load_file)
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in state]
     if missing:
         raise UserError(f"checkpoint {folder} does not match this model (missing {missing[0]} ...); "
                          "resume with the same --lora-* / --full options")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    load_trainable_state(model, state)
     if projector is not None:
         projector_path = os.path.join(folder, PROJECTOR_WEIGHTS)
         if not os.path.exists(projector_path):
             raise UserError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
         projector.load_state_dict(_read(projector_path, load_file))
     saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     load_rng_state(folder, rank)
     return _read(os.path.join(folder, "trainer_state.json"), _load_json)

@@ -26,6 +26,7 @@ from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves, tracker_options
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.sharding import full_tensor, prepare_models, save_full_model, use_fsdp
 
 
 @dataclass
@@ -78,8 +79,8 @@ class TrainState:
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
 
-    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` wraps it);
-    the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
+    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` or FSDP sharding
+    wraps it); the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
@@ -174,7 +175,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params: list[nn.Paramet
     Under an fp16 grad scaler the optimizer steps every time: the scaler skips a non-finite update itself and
     lowers its scale, and it must see every step, or the next unscale finds it still holding this one.
     """
-    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    grad_norm = full_tensor(accelerator.clip_grad_norm_(params, max_norm))  # FSDP: the norm over all shards
     if accelerator.scaler is not None:
         optimizer.step()
         if not optimizer.step_was_skipped:
@@ -198,6 +199,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, **tracker_options(cfg))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    fsdp = use_fsdp(cfg, accelerator)
     set_seed(cfg.seed)  # LoRA and projector initialisation
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
@@ -229,10 +231,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     optimizer = build_optimizer(cfg, transformer, projector)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    if projector is not None:
-        transformer, projector, optimizer = accelerator.prepare(transformer, projector, optimizer)
-    else:
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer, projector, optimizer = prepare_models(accelerator, adapter, transformer, projector,
+                                                       optimizer, fsdp)
     trainables = [m for m in (transformer, projector) if m is not None]
     schedule = CrepaWeightSchedule(cfg.schedule_config())
     parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
@@ -291,12 +291,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     _checkpoint(cfg, accelerator, state, adapter)
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
     result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0)
+    if cfg.full:  # on every rank: FSDP shards are gathered first
+        save_full_model(adapter, transformer, os.path.join(cfg.output_dir, "transformer"), main)
     if main:
-        model = accelerator.unwrap_model(transformer)
-        if cfg.full:
-            model.save_pretrained(os.path.join(cfg.output_dir, "transformer"))
-        else:
-            result.lora_path = _save_lora(cfg, adapter, model, cfg.output_dir)
+        if not cfg.full:
+            result.lora_path = _save_lora(cfg, adapter, accelerator.unwrap_model(transformer), cfg.output_dir)
         if projector is not None:
             result.projector_path = save_projector(accelerator.unwrap_model(projector), cfg.output_dir)
         if os.path.exists(log.path):

@@ -32,6 +32,19 @@ def train_config(cache: str, models: dict, out: str, **kw) -> TrainConfig:
     return TrainConfig(**(options | kw))
 
 
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+"""The launcher's command line for 2 local processes; the gloo backend on CPU."""
+
+
+def run_two_processes(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`args` (a script, or -m and a module) on 2 processes with this checkout's packages first; must succeed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([*TWO_PROCESSES, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -197,10 +210,7 @@ def test_two_processes_train_the_weights_one_process_trains(tmp_path, trained_ca
     run_train(train_config(trained_cache, tiny_models, single, gradient_accumulation_steps=2, **options))
     config = str(tmp_path / "ddp.json")
     train_config(trained_cache, tiny_models, out, **options).save(config)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "train", "--config", config]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_two_processes("-m", "train", "--config", config)
     assert "2 process(es)" in done.stdout
     for name in (os.path.join("checkpoint-3", "trainable.safetensors"), "crepa_projector.safetensors"):
         expected, got = load_file(os.path.join(single, name)), load_file(os.path.join(out, name))

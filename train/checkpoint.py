@@ -17,13 +17,10 @@ from torch import nn
 
 from crepa.errors import UserError
 from train.experts import PRIMARY, component_file
+from train.sharding import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
 
 PROJECTOR_WEIGHTS = "crepa_projector.safetensors"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_projector(projector: nn.Module, folder: str, component: str = PRIMARY) -> str:
@@ -45,19 +42,22 @@ def save_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler,
 
     Each component's trainable weights and projector go to their own files (`trainable.safetensors`,
     `trainable_transformer_2.safetensors`, ...); one optimizer holds them all. `export(folder)` writes the usable
-    weights (the LoRA files) into it on rank 0, inside that rename too.
+    weights (the LoRA files) into it on rank 0, inside that rename too. Every rank calls this: FSDP shards are
+    gathered to rank 0, so the files are those of an unsharded run.
     """
     tmp = f"{folder}.tmp"
+    weights = {component: trainable_state(model, keep=rank == 0) for component, (model, _) in denoisers.items()}
+    optimizer_saved = optimizer_state(optimizer, keep=rank == 0)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        for component, (model, projector) in denoisers.items():
-            save_file(trainable_state(model), os.path.join(tmp, component_file(TRAINABLE_WEIGHTS, component)))
+        for component, (_, projector) in denoisers.items():
+            save_file(weights[component], os.path.join(tmp, component_file(TRAINABLE_WEIGHTS, component)))
             if projector is not None:
                 save_projector(projector, tmp, component)
         if export is not None:
             export(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+        torch.save({"optimizer": optimizer_saved, "lr_scheduler": lr_scheduler.state_dict()},
                    os.path.join(tmp, "optimizer.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(trainer_state, f, indent=2)
@@ -71,7 +71,8 @@ def save_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler,
 
 
 def load_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler, rank: int) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the trainer state."""
+    """Restore everything `save_checkpoint` wrote, each rank keeping its own FSDP shards; returns the trainer
+    state. Checkpoints do not depend on the number of ranks or on FSDP."""
     _check_components(folder, denoisers)
     for component, (model, projector) in denoisers.items():
         _load_trainable(os.path.join(folder, component_file(TRAINABLE_WEIGHTS, component)), model)
@@ -81,7 +82,7 @@ def load_checkpoint(folder: str, *, denoisers: Trained, optimizer, lr_scheduler,
                 raise UserError(f"checkpoint {folder} has no CREPA projector; resume with the CREPA options it used")
             projector.load_state_dict(_read(projector_path, load_file))
     saved = _read(os.path.join(folder, "optimizer.pt"), _load_tensors)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     load_rng_state(folder, rank)
     return _read(os.path.join(folder, "trainer_state.json"), _load_json)
@@ -103,10 +104,7 @@ def _load_trainable(path: str, model: nn.Module) -> None:
     if missing:
         raise UserError(f"checkpoint {os.path.dirname(path)} does not match this model (missing {missing[0]} ...); "
                          "resume with the same --lora-* / --full options")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    load_trainable_state(model, state)
 
 
 def save_rng_state(folder: str, rank: int) -> None:

@@ -104,6 +104,9 @@ class TrainConfig:
     """Module-name suffixes to wrap (default: the family's attention projections)."""
     comfyui_export: bool = False
     """Also write the LoRA in ComfyUI's key format."""
+    fsdp: bool = True
+    """Shard a --full fine-tune on several processes with FSDP2 (weights, gradients, optimizer state; each
+    transformer block its own unit); --no-fsdp keeps a whole copy per process (DDP). LoRA runs always use DDP."""
 
     # optimisation
     learning_rate: float = field(default=1e-4, metadata={"min": 0.0, "exclusive": True})

@@ -31,6 +31,7 @@ from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves, tracker_options
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.sharding import full_tensor, prepare_models, save_full_model, use_fsdp
 from train.validation import Validation
 
 
@@ -102,8 +103,8 @@ class TrainState:
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
 
-    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` wraps it);
-    the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
+    Only the transformer's forward runs under mixed-precision autocast (`accelerator.prepare` or FSDP sharding
+    wraps it); the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
     """
     cfg = parts.config
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
@@ -213,7 +214,7 @@ def optimizer_step(accelerator, optimizer, lr_scheduler, params: list[nn.Paramet
     Under an fp16 grad scaler the optimizer steps every time: the scaler skips a non-finite update itself and
     lowers its scale, and it must see every step, or the next unscale finds it still holding this one.
     """
-    grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+    grad_norm = full_tensor(accelerator.clip_grad_norm_(params, max_norm))  # FSDP: the norm over all shards
     if accelerator.scaler is not None:
         optimizer.step()
         if not optimizer.step_was_skipped:
@@ -237,6 +238,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, **tracker_options(cfg))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
+    fsdp = use_fsdp(cfg, accelerator)
     set_seed(cfg.seed)  # LoRA and projector initialisation
     with_teacher = cfg.crepa_enabled and not cfg.crepa_use_backbone_features
     data = build_data(cfg, with_teacher, rank, world)
@@ -255,10 +257,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     optimizer = build_optimizer(cfg, *built[0], *built[1:])
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    *trainables, optimizer = accelerator.prepare(*[m for pair in built for m in pair if m is not None], optimizer)
-    prepared = iter(trainables)
-    denoisers = DenoiserSet([Denoiser(stage, next(prepared), None if projector is None else next(prepared))
-                             for stage, (_, projector) in zip(stages, built, strict=True)])
+    prepared, optimizer = prepare_models(accelerator, adapter, built, optimizer, fsdp)
+    trainables = [model for pair in prepared for model in pair if model is not None]
+    denoisers = DenoiserSet([Denoiser(stage, transformer, projector)
+                             for stage, (transformer, projector) in zip(stages, prepared, strict=True)])
     schedule = CrepaWeightSchedule(cfg.schedule_config())
     first = denoisers.denoisers[0]
     parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config,
@@ -323,6 +325,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     steady = time.perf_counter() - wall_start if wall_start is not None else 0.0
     result = TrainResult(state.step, None, None, None, wait_total / steady if steady > 0 else 0.0,
                          os.path.dirname(validation_dir) if validation_dir else None)
+    if cfg.full:  # on every rank: FSDP shards are gathered first
+        for denoiser in denoisers:
+            save_full_model(adapter, denoiser.transformer, os.path.join(cfg.output_dir, denoiser.stage.component),
+                            main)
     if main:
         saved = [_save_trained(cfg, adapter, component, model, projector)
                  for component, (model, projector) in _unwrapped(accelerator, denoisers).items()]
@@ -362,12 +368,8 @@ def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainDat
 
 def _save_trained(cfg: TrainConfig, adapter: FamilyAdapter, component: str, model: nn.Module,
                   projector: nn.Module | None) -> tuple[str | None, str | None]:
-    """One pipeline component's LoRA (or full weights, under its subfolder) and projector; their paths."""
-    lora_path = None
-    if cfg.full:
-        model.save_pretrained(os.path.join(cfg.output_dir, component))
-    else:
-        lora_path = _save_lora(cfg, adapter, component, model, cfg.output_dir)
+    """One pipeline component's LoRA (full weights are saved on every rank before) and projector; their paths."""
+    lora_path = None if cfg.full else _save_lora(cfg, adapter, component, model, cfg.output_dir)
     return lora_path, save_projector(projector, cfg.output_dir, component) if projector is not None else None
 
 

@@ -23,7 +23,7 @@ from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints
 from train.config import TrainConfig
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
-from train.lora import add_lora, check_comfyui_export, save_lora
+from train.lora import add_lora, check_comfyui_export, check_comfyui_family, save_lora
 from train.metrics import MetricsLog, plot_curves
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
 
@@ -195,6 +195,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.require_paths()
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
+    if cfg.comfyui_export:
+        check_comfyui_family(adapter)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

@@ -294,7 +294,7 @@ def test_overfitting_one_clip_lowers_the_loss_and_raises_alignment(family, one_c
 def test_the_comfyui_export_is_refused_before_training_where_comfyui_has_no_model_of_the_family(
         family, one_clip_cache, pipeline_folder, tmp_path):
     if get_family(family).comfyui_lora:
-        pytest.skip("ComfyUI has this family's model; tests/test_comfyui.py checks the names it reads")
+        pytest.skip("ComfyUI has a model of this family: the export is allowed")
     out = tmp_path / "run"
     with pytest.raises(UserError, match=f"ComfyUI has no {family} model.*drop --comfyui-export"):
         run_train(train_config(family, one_clip_cache, pipeline_folder, str(out), comfyui_export=True))

@@ -48,8 +48,8 @@ def one_clip_cache(family, pipeline_folder, tiny_models, tmp_path_factory) -> st
     """A finished cache of one clip for `family`, text stored in float32 to compare with the pipeline's."""
     root = tmp_path_factory.mktemp(f"{family}_cache")
     out = str(root / "cache")
-    run_precompute(PrecomputeConfig(dataset_config=write_dataset(root, clips=1, resolution=CLIP_SIZE),
-                                    family=family, out=out,
+    dataset = write_dataset(root, clips=1, resolution=CLIP_SIZE)
+    run_precompute(PrecomputeConfig(dataset_config=dataset, family=family, out=out,
                                     model=pipeline_folder, device="cpu", decode_workers=0, text_dtype="float32",
                                     teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
     return out

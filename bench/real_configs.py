@@ -1,4 +1,5 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, SANA-Video 2B, the Wan 2.1 VAE,
+DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -8,8 +9,11 @@ heads and patch sizes always stay the real ones.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -20,6 +24,16 @@ WAN_1_3B = dict(
 
 WAN_14B = WAN_1_3B | dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
 """Wan-AI/Wan2.1-T2V-14B-Diffusers: 40 blocks of 40 heads x 128 (5120 wide), ffn 13824; the rest as 1.3B."""
+
+SANA_VIDEO_2B = dict(
+    in_channels=16, out_channels=16, num_attention_heads=20, attention_head_dim=112, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=3.0, attention_bias=False, sample_size=30, patch_size=(1, 2, 2), norm_elementwise_affine=False,
+    norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+)
+"""Efficient-Large-Model/SANA-Video_2B_480p_diffusers as diffusers' convert_sana_video_to_diffusers.py builds it:
+20 blocks of 20 heads x 112 (2240 wide), linear self-attention, mlp_ratio 3.0 (the class default is 2.5), captions
+from Gemma 2 2B (2304 wide); Wan 2.1 VAE latents."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
@@ -41,6 +55,41 @@ def wan_transformer(layers: int | None = None, dtype: torch.dtype = torch.float3
     config = config | ({"num_layers": layers} if layers else {})
     model = WanTransformer3DModel(**config)
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+def sanavideo_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32,
+                          config: dict = SANA_VIDEO_2B):
+    from diffusers import SanaVideoTransformer3DModel
+
+    config = config | ({"num_layers": layers} if layers else {})
+    model = SanaVideoTransformer3DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """A family's real DiT as the train-step benchmark builds it, with the text its cache serves."""
+
+    family: str
+    label: str
+    build: Callable[..., nn.Module]
+    """(layers) -> the transformer with that many blocks (all of them when None), random weights."""
+    layers: dict[str, int]
+    """Blocks at each preset: `full` is the real depth, `cpu` a tenth of it."""
+    hidden: int
+    """Width of the block outputs CREPA aligns."""
+    text_tokens: int
+    """Text length the cache pads to (the family's default max length)."""
+    text_dim: int
+    caption_tokens: int = 120
+    """Tokens of a typical caption: the unmasked part of the text."""
+
+
+STEP_MODELS = {
+    "wan": StepModel("wan", "Wan 2.1 1.3B", wan_transformer, {"cpu": 3, "full": 30}, 1536, 512, 4096),
+    "sanavideo": StepModel("sanavideo", "SANA-Video 2B 480p", sanavideo_transformer, {"cpu": 2, "full": 20}, 2240,
+                           300, 2304),
+}
 
 
 def wan_vae(dtype: torch.dtype = torch.float32):

@@ -2,8 +2,9 @@
 
 (c) is how trainers without a teacher cache do it: the VAE decodes the clean latents and DINOv2
 encodes the decoded frames inside every step, both models resident. All three run the product's
-own `train.trainer.train_step` on a LoRA of the Wan 2.1 T2V 1.3B transformer (real config, random
-weights) with an AdamW step; (b) and (c) differ only in where the teacher features come from.
+own `train.trainer.train_step` on a LoRA of the family's transformer (`--family`: Wan 2.1 T2V 1.3B or
+SANA-Video 2B, real config, random weights; both on Wan 2.1 VAE latents) with an AdamW step; (b) and
+(c) differ only in where the teacher features come from.
 
 Time: one process builds every variant and alternates their steps. Memory: one fresh process per
 variant holding only what that variant needs; peak RSS on a CPU, `max_memory_allocated` on a GPU.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import markdown_table, median, parser, record, spread, status_bytes, time_alternating
-from bench.real_configs import DINOV2, save_dinov2, wan_transformer, wan_vae
+from bench.real_configs import DINOV2, STEP_MODELS, StepModel, save_dinov2, wan_vae
 from crepa.families import Conditioning, get_family
 from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
@@ -34,14 +35,13 @@ from train.trainer import StepParts, build_optimizer, train_step
 
 VARIANTS = {"a": "no CREPA", "b": "CREPA from the cache", "c": "CREPA online (VAE decode + DINOv2 per step)"}
 ENCODER = "dinov2_vitg14"
-TEXT_TOKENS, TEXT_DIM = 512, 4096  # Wan pads UMT5 embeddings to 512 tokens of 4096
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A step's size: `full` is the real one; `cpu` keeps every width and cuts depth and pixels alike."""
+    """A step's size: `full` is the real one; `cpu` keeps every width and cuts depth and pixels alike (the DiT's
+    depth at each preset is the family's, in `StepModel.layers`)."""
 
-    dit_layers: int
     teacher_layers: int
     frames: int
     height: int
@@ -54,9 +54,9 @@ class Preset:
 
 PRESETS = {
     # 1/10 of the depth of both networks; 9x64x112 pixels; 518 px scaled by the same linear factor as the clip
-    "cpu": Preset(dit_layers=3, teacher_layers=4, frames=9, height=64, width=112, image_size=70,
+    "cpu": Preset(teacher_layers=4, frames=9, height=64, width=112, image_size=70,
                   gradient_checkpointing=False, rounds=4),
-    "full": Preset(dit_layers=30, teacher_layers=40, frames=81, height=480, width=832, image_size=518,
+    "full": Preset(teacher_layers=40, frames=81, height=480, width=832, image_size=518,
                    gradient_checkpointing=True, rounds=10),
 }
 
@@ -64,27 +64,29 @@ PRESETS = {
 class StepBench:
     """The models and one batch for the given variants, and one optimizer step of each."""
 
-    def __init__(self, preset: Preset, variants: str, device: torch.device, workdir: str, lora_rank: int):
+    def __init__(self, preset: Preset, variants: str, device: torch.device, workdir: str, lora_rank: int,
+                 model: StepModel, layers: int):
         self.device = device
-        self.adapter = get_family("wan")
+        self.adapter = get_family(model.family)
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(0)
-        transformer = wan_transformer(preset.dit_layers)
+        transformer = model.build(layers)
         add_lora(transformer, lora_rank, lora_rank, 0.0, list(self.adapter.default_lora_targets))
         if preset.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer.to(device).train()
         latent_frames = 1 + (preset.frames - 1) // 4
         latents = torch.randn(1, 16, latent_frames, preset.height // 8, preset.width // 8)
-        text = torch.zeros(1, TEXT_TOKENS, TEXT_DIM)
-        text[:, :120] = torch.randn(1, 120, TEXT_DIM)  # a caption of 120 tokens, zero-padded as the cache serves it
-        mask = torch.zeros(1, TEXT_TOKENS, dtype=torch.bool)
-        mask[:, :120] = True
+        caption = model.caption_tokens  # a caption's tokens, zero-padded as the cache serves them
+        text = torch.zeros(1, model.text_tokens, model.text_dim)
+        text[:, :caption] = torch.randn(1, caption, model.text_dim)
+        mask = torch.zeros(1, model.text_tokens, dtype=torch.bool)
+        mask[:, :caption] = True
         self.batch = {"latents": latents, "text": text, "text_mask": mask}
 
         settings = TeacherSettings(encoder=ENCODER, image_size=preset.image_size)
         crepa = set(variants) & {"b", "c"}
-        self.projector = CrepaProjector(1536, DINOV2[ENCODER]["hidden_size"]).to(device) if crepa else None
+        self.projector = CrepaProjector(model.hidden, DINOV2[ENCODER]["hidden_size"]).to(device) if crepa else None
         self.vae = self.teacher = None
         if "c" in variants:
             self.vae = wan_vae(self.compute_dtype).to(device)
@@ -102,7 +104,7 @@ class StepBench:
             self.batch = {name: value.pin_memory() for name, value in self.batch.items()}
         self.batch["keys"] = [f"clip{i}" for i in range(len(self.batch["latents"]))]
 
-        block = min(8, preset.dit_layers - 1)
+        block = min(8, layers - 1)
         self.parts = {name: self._parts(name != "a", block) for name in variants}
         self.optimizer = build_optimizer(next(iter(self.parts.values())).config, self.transformer, self.projector)
         self.step_index = 0
@@ -138,7 +140,7 @@ class StepBench:
         return projector + teacher.numel() * (teacher.element_size() + 4)  # as cached, and its fp32 copy
 
 
-def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
+def flop_counts(preset: Preset, layers: int, lora_rank: int, model: StepModel) -> dict[str, float]:
     """FLOPs of each variant's step at `preset`, counted on the meta device: no weights, no compute.
 
     (a) the LoRA DiT forward and backward (with the recomputed forward under checkpointing); (b) adds the
@@ -150,20 +152,21 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
     from crepa.loss import crepa_scores
     from precompute.teacher import encoder_input_size
 
-    adapter = get_family("wan")
+    adapter = get_family(model.family)
     latent_frames = 1 + (preset.frames - 1) // 4
     dim = DINOV2[ENCODER]["hidden_size"]
     settings = TeacherSettings(encoder=ENCODER, image_size=preset.image_size)
     teacher_h, teacher_w = teacher_grid(preset.height, preset.width, settings, patch=14)
     counts = {}
     with torch.device("meta"):
-        transformer = wan_transformer(preset.dit_layers)
+        transformer = model.build(layers)
         add_lora(transformer, lora_rank, lora_rank, 0.0, list(adapter.default_lora_targets))
         if preset.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
         latents = torch.randn(1, 16, latent_frames, preset.height // 8, preset.width // 8)
-        text = Conditioning(torch.randn(1, TEXT_TOKENS, TEXT_DIM), torch.ones(1, TEXT_TOKENS, dtype=torch.bool))
+        text = Conditioning(torch.randn(1, model.text_tokens, model.text_dim),
+                            torch.ones(1, model.text_tokens, dtype=torch.bool))
         kwargs = adapter.transformer_kwargs(latents, torch.ones(1), text)
         with FlopCounterMode(display=False) as counter:
             adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()
@@ -174,9 +177,10 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
             dinov2(ENCODER, preset.teacher_layers)(pixel_values=torch.randn(latent_frames, 3, *size))
         counts["c"] = counter.get_total_flops()
     # the CREPA head on real CPU tensors: the projector's autocast guard does not run on the meta device
-    student = torch.randn(1, latent_frames, preset.height // 16, preset.width // 16, 1536, requires_grad=True)
+    student = torch.randn(1, latent_frames, preset.height // 16, preset.width // 16, model.hidden,
+                          requires_grad=True)
     with FlopCounterMode(display=False) as counter:
-        projected = CrepaProjector(1536, dim)(student)
+        projected = CrepaProjector(model.hidden, dim)(student)
         crepa_scores(projected, torch.randn(1, latent_frames, teacher_h, teacher_w, dim)).per_video.sum().backward()
     counts["b"] = counts["a"] + counter.get_total_flops()
     counts["c"] += counts["b"]
@@ -192,7 +196,9 @@ def peak_bytes(device: torch.device) -> int:
 def measure_memory(args) -> None:
     """Child process: build one variant alone, run a few steps, print its peak memory as JSON."""
     device = torch.device(args.device)
-    bench = StepBench(PRESETS[args.scale], args.memory_of, device, args.workdir, args.lora_rank)
+    model = STEP_MODELS[args.family]
+    bench = StepBench(PRESETS[args.scale], args.memory_of, device, args.workdir, args.lora_rank, model,
+                      model.layers[args.scale])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):
@@ -203,6 +209,7 @@ def measure_memory(args) -> None:
 
 def memory_in_subprocess(variant: str, args, workdir: str) -> dict:
     command = [sys.executable, "-m", "bench.train_step", "--memory-of", variant, "--scale", args.scale,
+               "--family", args.family,
                "--device", args.device, "--workdir", workdir, "--lora-rank", str(args.lora_rank), "--no-record"]
     # A fixed mmap threshold turns off glibc's adaptive one, which otherwise keeps freed buffers of up to 32 MiB
     # resident at random: with it, RSS follows live tensors and repeats within a few MiB from run to run.
@@ -213,7 +220,8 @@ def memory_in_subprocess(variant: str, args, workdir: str) -> dict:
 
 def time_steps(preset: Preset, device: torch.device, workdir: str, args) -> dict[str, list[float]]:
     """Seconds per step of each variant, alternated in this process (its models are freed on return)."""
-    bench = StepBench(preset, "abc", device, workdir, args.lora_rank)
+    model = STEP_MODELS[args.family]
+    bench = StepBench(preset, "abc", device, workdir, args.lora_rank, model, model.layers[args.scale])
     return time_alternating({name: lambda name=name: bench.step(name) for name in VARIANTS},
                             args.rounds or preset.rounds, warmup=1, device=device)
 
@@ -228,9 +236,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="crepa-bench-") as workdir:
         times = time_steps(preset, device, workdir, args)
         memory = {name: memory_in_subprocess(name, args, workdir) for name in VARIANTS}
-    flops = {scale: flop_counts(PRESETS[scale], args.lora_rank) for scale in dict.fromkeys((args.scale, "full"))}
+    model = STEP_MODELS[args.family]
+    flops = {scale: flop_counts(PRESETS[scale], model.layers[scale], args.lora_rank, model)
+             for scale in dict.fromkeys((args.scale, "full"))}
     body = _report(preset, args, times, memory) + "\n\n" + _flops_report(flops)
-    record(f"Train step ({args.scale})", body, enabled=not args.no_record)
+    record(f"Train step ({model.label}, {args.scale})", body, enabled=not args.no_record)
 
 
 def _flops_report(flops: dict[str, dict[str, float]]) -> str:
@@ -256,7 +266,9 @@ def _report(preset: Preset, args, times: dict[str, list[float]], memory: dict[st
     memory_cb = memory["c"]["peak"] / memory["b"]["peak"]
     budget = memory["b"]["budget"]
     kind = "peak RSS of the whole process" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
-    setup = (f"Wan 2.1 1.3B transformer with {preset.dit_layers} of 30 blocks, LoRA rank {args.lora_rank} on "
+    model = STEP_MODELS[args.family]
+    setup = (f"{model.label} transformer with {model.layers[args.scale]} of {model.layers['full']} blocks, "
+             f"LoRA rank {args.lora_rank} on "
              f"attention, DINOv2-g/14 with {preset.teacher_layers} of 40 layers at {preset.image_size} px, Wan VAE; "
              f"batch 1 x {preset.frames} frames x {preset.height}x{preset.width}; gradient checkpointing "
              f"{'on' if preset.gradient_checkpointing else 'off'}; {args.rounds or preset.rounds} alternated rounds; "
@@ -270,6 +282,7 @@ def _report(preset: Preset, args, times: dict[str, list[float]], memory: dict[st
 
 def _arguments():
     parser_ = parser(__doc__.splitlines()[0])
+    parser_.add_argument("--family", choices=sorted(STEP_MODELS), default="wan")
     parser_.add_argument("--scale", choices=sorted(PRESETS), default="full" if torch.cuda.is_available() else "cpu")
     parser_.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser_.add_argument("--rounds", type=int, default=None, help="alternated rounds (default: the preset's)")

@@ -34,6 +34,27 @@ def tiny_tokenizer():
     )
 
 
+def tiny_gemma_tokenizer(extra_text: str = ""):
+    """A Gemma tokenizer (BPE with byte fallback, spaces as "▁", <bos> prepended) on a tiny vocabulary.
+
+    Every printable ASCII character is a token, and the words of TINY_WORDS and `extra_text` merge into whole-word
+    tokens ("▁red"); anything else falls back to byte tokens, so every caption tokenizes.
+    """
+    from transformers import GemmaTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for piece in ["▁", "\n", *map(chr, range(33, 127)), *(f"<0x{byte:02X}>" for byte in range(256))]:
+        vocab.setdefault(piece, len(vocab))
+    merges: dict[tuple[str, str], None] = {}  # insertion-ordered set: a merge's rank is its position
+    words = [*TINY_WORDS, *extra_text.split()]
+    # "▁word" merges rank first, so a word after a space becomes one token, not "▁" + the bare word's pieces
+    for piece in [*("▁" + word for word in words), *words]:
+        for end in range(2, len(piece) + 1):
+            merges.setdefault((piece[: end - 1], piece[end - 1]), None)
+            vocab.setdefault(piece[:end], len(vocab))
+    return GemmaTokenizerFast(vocab=vocab, merges=list(merges), add_bos_token=True, model_max_length=8192)
+
+
 def save_tiny_pipeline(adapter: FamilyAdapter, folder: str, seed: int = 0) -> str:
     """Write a complete diffusers pipeline folder (transformer, vae, text encoders, tokenizers, scheduler)."""
     import diffusers

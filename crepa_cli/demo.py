@@ -46,13 +46,14 @@ def run_demo(workdir: str, family: str = "wan") -> None:
     print_summary(config, run_precompute(config))
     click.echo(f"cache: {paths['cache']} (inspect with `crepa cache info {paths['cache']}`)")
 
+    from crepa.families import get_family
     from train.config import TrainConfig
     from train.trainer import run_train
 
     result = run_train(TrainConfig(
         cache=paths["cache"], family=family, model=paths["pipeline"], output_dir=paths["run"], crepa_block_index=1,
         crepa_lambda=0.5, learning_rate=1e-3, max_train_steps=20, save_every=10, lora_rank=8,
-        dataloader_num_workers=1, comfyui_export=True,
+        dataloader_num_workers=1, comfyui_export=get_family(family).comfyui_lora,
     ))
     click.echo(f"LoRA (diffusers format): {result.lora_path}")
     click.echo(f"CREPA projector: {result.projector_path}")

@@ -48,6 +48,8 @@ def text_identity(adapter: FamilyAdapter, config: PrecomputeConfig, text_dtype: 
         "compute_dtype": text_dtype,
         "dtype": config.text_dtype,
         "max_length": max_length,
+        # only when there are any, so the identity of families without such settings stays what it was
+        **({"text_settings": settings} if (settings := adapter.text_settings()) else {}),
     }
 
 

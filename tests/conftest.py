@@ -40,14 +40,16 @@ def tiny_models(tmp_path_factory, tiny_pipelines) -> dict[str, str]:
     }
 
 
-def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "") -> str:
-    """`clips` moving-shape videos with captions in folder/clips and a dataset TOML; returns its path."""
+def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "",
+                  resolution: tuple[int, int] = (64, 48)) -> str:
+    """`clips` moving-shape videos with captions in folder/clips and a dataset TOML of one (width, height) bucket;
+    returns its path."""
     from precompute.synthetic import write_captioned_clips
 
     write_captioned_clips(folder / "clips", count=clips, frames=frames)
     config = folder / "dataset.toml"
     config.write_text(
-        "[general]\nresolutions = [[64, 48]]\ntarget_frames = [9]\nframe_extraction = \"head\"\n"
+        f"[general]\nresolutions = [{list(resolution)}]\ntarget_frames = [9]\nframe_extraction = \"head\"\n"
         f"{config_extra}\n[[datasets]]\nname = \"t\"\nvideo_directory = \"clips\"\n"
     )
     return str(config)

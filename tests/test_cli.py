@@ -204,3 +204,29 @@ def test_a_full_disk_without_a_file_name_names_the_output_folder(tmp_path):
                                 ["--out", str(tmp_path / "cache")])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: no space left on the device in {tmp_path / 'cache'}: "), result.output
+
+
+def test_demo_trains_a_sanavideo_lora_that_its_pipeline_loads_and_generates_with(tmp_path):
+    import torch
+    from diffusers import SanaVideoPipeline
+    from safetensors.torch import load_file
+
+    workdir = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--family", "sanavideo", "--workdir", str(workdir)], prog_name="crepa")
+    assert result.exit_code == 0, result.output
+    assert not (workdir / "run" / "lora_comfyui.safetensors").exists()  # ComfyUI has no SANA-Video model
+
+    pipe = SanaVideoPipeline.from_pretrained(workdir / "models" / "sanavideo")
+    pipe.load_lora_weights(workdir / "run")
+    saved = load_file(workdir / "run" / "pytorch_lora_weights.safetensors")
+    (adapter,) = pipe.transformer.peft_config
+    for key, tensor in saved.items():  # transformer.<module>.lora_A.weight: every tensor arrived in its layer
+        module, _, part = key.removeprefix("transformer.").rpartition(".lora_")
+        layer = getattr(pipe.transformer.get_submodule(module), "lora_" + part.removesuffix(".weight"))
+        torch.testing.assert_close(layer[adapter].weight, tensor, rtol=0, atol=0)
+    assert len(saved) == 2 * 4 * len(pipe.transformer.transformer_blocks) * 2  # A and B, q k v out, attn1 and attn2
+    assert any(tensor.any() for key, tensor in saved.items() if ".lora_B." in key), "the demo trained the LoRA"
+
+    video = pipe(prompt="a red ball moves across", frames=5, height=32, width=64, num_inference_steps=2,
+                 use_resolution_binning=False, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 32, 64, 3) and torch.isfinite(torch.from_numpy(video)).all()

@@ -18,12 +18,13 @@ from conftest import write_dataset
 from crepa.cache.store import CacheStore
 from crepa.cache.view import CacheView
 from crepa.capture import BlockCapture
+from crepa.errors import UserError
 from crepa.families import SUPPORTED_FAMILIES, Conditioning, get_family
 from precompute.config import PrecomputeConfig, TeacherSettings
 from precompute.pipeline import run_precompute
 from train.config import TrainConfig
 from train.data import collate, to_tensors
-from train.lora import lora_layers
+from train.lora import COMFYUI_WEIGHTS, LORA_WEIGHTS, lora_layers
 from train.trainer import run_train
 
 
@@ -37,12 +38,18 @@ def pipeline_folder(family, tiny_pipelines) -> str:
     return tiny_pipelines(family)
 
 
+CLIP_SIZE = (96, 64)
+"""(width, height) of the cached clip: multiples of 32, which every family's pipeline generates at (the sides some
+pipelines demand, e.g. SanaVideoPipeline.check_inputs), and not square, so a swapped height and width shows."""
+
+
 @pytest.fixture(scope="session")
 def one_clip_cache(family, pipeline_folder, tiny_models, tmp_path_factory) -> str:
     """A finished cache of one clip for `family`, text stored in float32 to compare with the pipeline's."""
     root = tmp_path_factory.mktemp(f"{family}_cache")
     out = str(root / "cache")
-    run_precompute(PrecomputeConfig(dataset_config=write_dataset(root, clips=1), family=family, out=out,
+    dataset = write_dataset(root, clips=1, resolution=CLIP_SIZE)
+    run_precompute(PrecomputeConfig(dataset_config=dataset, family=family, out=out,
                                     model=pipeline_folder, device="cpu", decode_workers=0, text_dtype="float32",
                                     teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
     return out
@@ -93,9 +100,10 @@ def train_config(family: str, cache: str, model: str, out: str, **kw) -> TrainCo
 
 @pytest.fixture(scope="session")
 def two_step_run(family, one_clip_cache, pipeline_folder, tmp_path_factory) -> str:
-    """Output folder of two CREPA training steps with the ComfyUI export on."""
+    """Output folder of two CREPA training steps, with the ComfyUI export on where ComfyUI has the family's model."""
     out = str(tmp_path_factory.mktemp(f"{family}_run") / "run")
-    run_train(train_config(family, one_clip_cache, pipeline_folder, out, comfyui_export=True, lora_alpha=8.0))
+    run_train(train_config(family, one_clip_cache, pipeline_folder, out, lora_alpha=8.0,
+                           comfyui_export=get_family(family).comfyui_lora))
     return out
 
 
@@ -200,9 +208,10 @@ def test_cached_inputs_condition_the_transformer_as_the_pipeline_does(family, pi
     sample, caption, text_length = cached_sample
     pipe = load_pipeline(family, pipeline_folder)
     latent_shape = torch.Size((1, *sample["latents"].shape))
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs),
-                                                      with_kwargs=True)
+    calls = []  # each forward's arguments by name, however the pipeline passed them
+    signature = inspect.signature(pipe.transformer.forward)
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
     try:
         with torch.no_grad():
             pipeline_call(pipe, *pixel_size(adapter, pipe, latent_shape), prompt=caption, num_inference_steps=1,
@@ -242,7 +251,7 @@ def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, 
         expected = trained(**inputs)[0]
         base = load_pipeline(family, pipeline_folder).transformer.eval()(**inputs)[0]
         assert not torch.allclose(base, expected, atol=1e-4), "the LoRA should change the outputs"
-        for weights in ("pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"):
+        for weights in (LORA_WEIGHTS, COMFYUI_WEIGHTS) if adapter.comfyui_lora else (LORA_WEIGHTS,):
             pipe = load_pipeline(family, pipeline_folder)
             pipe.load_lora_weights(two_step_run, weight_name=weights)
             loaded = lora_layers(pipe.transformer)
@@ -280,3 +289,22 @@ def test_overfitting_one_clip_lowers_the_loss_and_raises_alignment(family, one_c
     assert os.path.exists(os.path.join(out, "training_curves.png"))
     for name in ("crepa_loss", "crepa_similarity_self", "crepa_weight", "lr", "grad_norm", "samples_per_second"):
         assert name in rows[-1]
+
+
+def test_the_comfyui_export_is_refused_before_training_where_comfyui_has_no_model_of_the_family(
+        family, one_clip_cache, pipeline_folder, tmp_path):
+    if get_family(family).comfyui_lora:
+        pytest.skip("ComfyUI has a model of this family: the export is allowed")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=f"ComfyUI has no {family} model.*drop --comfyui-export"):
+        run_train(train_config(family, one_clip_cache, pipeline_folder, str(out), comfyui_export=True))
+    assert not out.exists()
+
+
+def test_defaults_are_the_pipelines(family, pipeline_folder):
+    """The text length and flow shift the adapter falls back to are the ones the family's pipeline uses."""
+    adapter = get_family(family)
+    pipe = load_pipeline(family, pipeline_folder)
+    assert inspect.signature(pipe.__call__).parameters["max_sequence_length"].default == \
+        adapter.default_text_max_length
+    assert adapter.flow_shift(dict(pipe.scheduler.config), torch.Size((1, 4, 3, 4, 6))) == adapter.default_flow_shift

@@ -112,7 +112,7 @@ def mixed(tmp_path_factory, tiny_models) -> tuple[str, str]:
     out = str(root / "cache")
     summary = run_precompute(precompute_config(dataset, out, tiny_models, decode_workers=1))
     assert summary.planned == 7 and summary.planned_images == 5 and not summary.skipped
-    assert summary.computed == {"latents": 7, "teacher": 7, "text": 7}
+    assert summary.computed == {"latents": 7, "teacher": 7, "text": 8}  # the captions and the empty prompt
     return dataset, out
 
 
@@ -167,7 +167,7 @@ def test_a_rerun_reuses_every_clip_and_a_changed_image_is_recomputed(tmp_path, t
     run_precompute(precompute_config(str(dataset), out, tiny_models))
     again = run_precompute(precompute_config(str(dataset), out, tiny_models))
     assert again.computed == {"latents": 0, "teacher": 0, "text": 0}
-    assert again.reused == {"latents": 2, "teacher": 2, "text": 2}
+    assert again.reused == {"latents": 2, "teacher": 2, "text": 3}  # the captions and the empty prompt
 
     write_image(tmp_path / "stills" / "image_01.png", moving_shapes_clip(1, 64, 48, seed=9)[0])
     changed = run_precompute(precompute_config(str(dataset), out, tiny_models))

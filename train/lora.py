@@ -46,9 +46,18 @@ def lora_layers(transformer: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, LoraLayer)}
 
 
+def check_comfyui_family(adapter: FamilyAdapter) -> None:
+    """Refuse --comfyui-export for a family ComfyUI has no model of: no name written would be loaded anywhere."""
+    if not adapter.comfyui_lora:
+        raise UserError(f"--comfyui-export: ComfyUI has no {adapter.name} model that could load the LoRA",
+                        fix=f"drop --comfyui-export; {LORA_WEIGHTS} loads with "
+                            f"{adapter.pipeline_class_name}.load_lora_weights")
+
+
 def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, str]:
     """ComfyUI's name of every LoRA layer; refuses layers it has none for (its loader would skip them with a log
     line only)."""
+    check_comfyui_family(adapter)
     names = adapter.comfyui_modules(transformer)
     missing = [name for name in lora_layers(transformer) if name not in names]
     if missing:

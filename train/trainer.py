@@ -28,7 +28,7 @@ from train.data import prompt_conditioning
 from train.experts import PRIMARY, Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import TimestepSampling, describe_timesteps, noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
-from train.lora import add_lora, check_comfyui_export, save_lora
+from train.lora import add_lora, check_comfyui_export, check_comfyui_family, save_lora
 from train.metrics import MetricsLog, plot_curves, tracker_options
 from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
 from train.sharding import full_tensor, prepare_models, save_full_model, use_fsdp
@@ -234,6 +234,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.require_paths()
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
+    if cfg.comfyui_export:
+        check_comfyui_family(adapter)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, **tracker_options(cfg))
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

@@ -82,6 +82,9 @@ class FamilyAdapter(ABC):
     """Timestep shift of the family's flow-matching scheduler, for pipelines that have no scheduler config."""
     default_lora_targets: tuple[str, ...]
     """Module-name suffixes that LoRA wraps by default."""
+    comfyui_lora: bool = True
+    """Whether ComfyUI has a native model of this family that loads LoRAs under `comfyui_modules`' names; when it
+    has none, --comfyui-export is refused."""
 
     def transformer_class(self) -> type[nn.Module]:
         import diffusers
@@ -150,6 +153,12 @@ class FamilyAdapter(ABC):
         marks with a prefix mask (families whose pipeline encodes with padding compute with it, then keep the
         caption's tokens); and `pooled` (P,) where the family takes a pooled vector.
         """
+
+    def text_settings(self) -> dict:
+        """What the family's pipeline does to a caption before tokenizing it that the text encoder files do not
+        record (an instruction prepended, case folding): part of the text set's identity, so a change recomputes
+        the text. {} when there is nothing beyond the tokenizer."""
+        return {}
 
     @abstractmethod
     def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,

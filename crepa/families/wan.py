@@ -17,16 +17,7 @@ from torch import nn
 
 from crepa.errors import UserError
 from crepa.families.base import Conditioning, FamilyAdapter, ImageConditioning, ImageEncoders, TextEncoders
-
-
-def _latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, C, 1, 1, 1) mean and std the Wan pipeline normalises latents with."""
-    config = vae.config
-    shape = (1, config.z_dim, 1, 1, 1)
-    mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-    std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(shape)
-    return mean, std
-
+from crepa.families.wan_latents import WanLatents
 
 # diffusers module (a full-name pattern) -> the module of ComfyUI's native Wan model (comfy/ldm/wan/model.py).
 # These are all the layers a LoRA can wrap: the Conv3d patch embedding and every Linear. Norms and the
@@ -60,38 +51,16 @@ _COMFYUI_IMAGE_MODULES = (
 )
 
 
-class WanAdapter(FamilyAdapter):
+class WanAdapter(WanLatents, FamilyAdapter):
     name = "wan"
     transformer_class_name = "WanTransformer3DModel"
     block_list_attr = "blocks"
-    vae_class_name = "AutoencoderKLWan"
     text_encoder_classes = {"text_encoder": "UMT5EncoderModel"}
     pipeline_class_name = "WanPipeline"
     image_encoder_class_name = "CLIPVisionModel"
     default_text_max_length = 512
     default_flow_shift = 3.0
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-
-    def token_grid(self, transformer: nn.Module, latent_shape: torch.Size) -> tuple[int, int, int]:
-        p_t, p_h, p_w = self.unwrap(transformer).config.patch_size
-        _, _, frames, height, width = latent_shape
-        return frames // p_t, height // p_h, width // p_w
-
-    def vae_compression(self, vae_config: dict) -> tuple[int, int]:
-        temporal = vae_config.get("scale_factor_temporal") or 2 ** sum(vae_config["temperal_downsample"])
-        spatial = vae_config.get("scale_factor_spatial") or 2 ** len(vae_config["temperal_downsample"])
-        return int(temporal), int(spatial)
-
-    def encode_video(self, vae: nn.Module, pixels: torch.Tensor, sample: bool = False,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
-        latents = distribution.sample(generator) if sample else distribution.mode()
-        mean, std = _latent_stats(vae, latents)
-        return (latents - mean) / std
-
-    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = _latent_stats(vae, latents)
-        return vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
 
     def encode_text(self, encoders: TextEncoders, captions: list[str],
                     max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -178,11 +147,6 @@ class WanAdapter(FamilyAdapter):
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32,
         )
-
-    def tiny_vae_config(self) -> dict:
-        return dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
-                    temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
-                    latents_std=[1.5, 0.8, 1.0, 1.2])
 
     def tiny_text_encoder_config(self, vocab_size: int) -> Any:
         from transformers import UMT5Config

@@ -36,6 +36,7 @@ from crepa.cache.quantize import quantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
+from crepa.families.base import spatial_patch
 from crepa.families.loading import load_config, resolve_dtype
 from precompute.config import PrecomputeConfig
 from precompute.dataset_config import DatasetConfig, load_dataset_config
@@ -225,10 +226,9 @@ def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: lis
 def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:
     """Spatial patch of the family's DiT, read from its config when the pipeline folder has one."""
     try:
-        patch = load_config(adapter.transformer_class(), config.model, "transformer").get("patch_size", 1)
+        return spatial_patch(load_config(adapter.transformer_class(), config.model, "transformer"))
     except OSError:
         return 1
-    return int(patch[-1] if isinstance(patch, list | tuple) else patch)
 
 
 def _encoder_config(config: PrecomputeConfig) -> dict:

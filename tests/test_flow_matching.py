@@ -64,3 +64,15 @@ def test_sigmas_stay_in_the_unit_interval_and_follow_the_generator():
         b = sample_sigmas(256, scheme, 3.0, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
         assert a.min() >= 0.0 and a.max() < 1.0
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal"])
+def test_a_terminal_stretch_is_the_schedulers_on_a_schedule_that_ends_at_zero(scheme):
+    """The scheduler stretches its schedule affinely so that its last sigma lands on `shift_terminal`; for a schedule
+    whose last sigma is 0 (the continuous one) that maps sigma to terminal + (1 - terminal) * sigma."""
+    raw = unshifted(64, scheme, seed=1)
+    ours = sample_sigmas(64, scheme, 3.0, torch.Generator().manual_seed(1), terminal=0.1)
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)
+    reference.set_timesteps(sigmas=[*raw.tolist(), 0.0])
+    torch.testing.assert_close(ours, reference.sigmas[:-2], rtol=1e-6, atol=1e-6)  # then 0.0 stretched, and 0
+    assert ours.min() > 0.1 and ours.max() < 1.0

@@ -38,8 +38,8 @@ class TrainConfig:
     # CREPA
     crepa_enabled: bool = True
     """Add the CREPA loss."""
-    crepa_block_index: int = field(default=8, metadata={"min": 0})
-    """0-based DiT block whose output is aligned."""
+    crepa_block_index: int | None = field(default=None, metadata={"min": 0})
+    """0-based DiT block whose output is aligned (default: the family's, 8 for Wan and LTX-Video)."""
     crepa_lambda: float = field(default=0.5, metadata={"min": 0.0})
     """CREPA weight lambda."""
     crepa_adjacent_distance: int = field(default=1, metadata={"min": 0})

@@ -8,17 +8,20 @@ import torch
 
 
 def sample_sigmas(batch: int, scheme: str, shift: float, generator: torch.Generator, logit_mean: float = 0.0,
-                  logit_std: float = 1.0) -> torch.Tensor:
-    """(B,) noise levels in (0, 1): uniform or logit-normal, then the scheduler's shift.
+                  logit_std: float = 1.0, terminal: float = 0.0) -> torch.Tensor:
+    """(B,) noise levels in (terminal, 1): uniform or logit-normal, then the scheduler's shift and terminal stretch.
 
-    shift s maps sigma to s*sigma / (1 + (s-1)*sigma), FlowMatchEulerDiscreteScheduler's static shift.
+    shift s maps sigma to s*sigma / (1 + (s-1)*sigma), FlowMatchEulerDiscreteScheduler's static shift (its dynamic
+    shift is the static one with s = e^mu); a `shift_terminal` then maps sigma to terminal + (1 - terminal) * sigma,
+    the scheduler's stretch of a schedule whose last sigma is 0 (the sampler never evaluates the model below it).
     """
     device = generator.device
     if scheme == "uniform":
         sigmas = torch.rand(batch, generator=generator, device=device)
     else:
         sigmas = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=device))
-    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    sigmas = shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+    return terminal + (1.0 - terminal) * sigmas
 
 
 def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,11 +46,12 @@ def clip_generator(seed: int, step: int, key: str, device: torch.device) -> torc
 
 
 def sample_noise(keys: list[str], shape: tuple[int, ...], seed: int, step: int, scheme: str, shift: float,
-                 logit_mean: float, logit_std: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 logit_mean: float, logit_std: float, device: torch.device,
+                 terminal: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise (B, *shape), sigmas (B,)) for the clips `keys`, each drawn from its own `clip_generator`."""
     noises, sigmas = [], []
     for key in keys:
         generator = clip_generator(seed, step, key, device)
         noises.append(torch.randn(shape, generator=generator, device=device))
-        sigmas.append(sample_sigmas(1, scheme, shift, generator, logit_mean, logit_std))
+        sigmas.append(sample_sigmas(1, scheme, shift, generator, logit_mean, logit_std, terminal))
     return torch.stack(noises), torch.cat(sigmas)

@@ -49,10 +49,16 @@ class StepParts:
     config: TrainConfig
     scheduler_config: dict
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
+    vae_compression: tuple[int, int] | None = None
+    """(temporal, spatial) compression of the pipeline's VAE (from its config), None when the folder has no VAE."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
         return self.config.flow_shift or self.adapter.flow_shift(self.scheduler_config, latent_shape)
+
+    def terminal(self) -> float:
+        """Sigma the shifted schedule is stretched to end at (0: none)."""
+        return self.adapter.flow_terminal(self.scheduler_config)
 
 
 @dataclass
@@ -87,10 +93,10 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
-                                 shift, cfg.logit_mean, cfg.logit_std, device)
+                                 shift, cfg.logit_mean, cfg.logit_std, device, parts.terminal())
     noisy, target = noisy_input(latents, noise, sigmas)
     kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
-                                              Conditioning.from_batch(batch, device))
+                                              Conditioning.from_batch(batch, device, parts.vae_compression))
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": shift}
@@ -140,17 +146,31 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
 
 def scheduler_settings(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[dict, str]:
     """The pipeline's scheduler config ({} when it has none), read without weights, and the start-up line's
-    account of where the flow shift comes from."""
-    if cfg.flow_shift:
-        return {}, f"flow shift {cfg.flow_shift} (--flow-shift)"
+    account of where the flow shift (and the terminal stretch, where there is one) comes from."""
     path = config_file(cfg.model, "scheduler", "scheduler_config.json")
     if path is None:
-        return {}, (f"flow shift {adapter.default_flow_shift}: the {adapter.name} default, the pipeline has no "
-                    "scheduler config (pass --flow-shift to set it)")
-    from diffusers import FlowMatchEulerDiscreteScheduler
+        config = {}
+        source = (f"flow shift from the {adapter.name} default scheduler config {adapter.default_scheduler_config()} "
+                  "(the pipeline has none; pass --flow-shift to set the shift)")
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    # any scheduler class's load_config returns scheduler_config.json as saved, whichever scheduler wrote it
-    return load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler"), f"flow shift from {path}"
+        # any scheduler class's load_config returns scheduler_config.json as saved, whichever scheduler wrote it
+        config = load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler")
+        source = f"flow shift from {path}"
+    if cfg.flow_shift:
+        source = f"flow shift {cfg.flow_shift} (--flow-shift)"
+    terminal = adapter.flow_terminal(config)
+    if terminal:
+        source += f", sigmas stretched to end at {terminal} (shift_terminal)"
+    return config, source
+
+
+def pipeline_vae_compression(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[int, int] | None:
+    """(temporal, spatial) compression from the pipeline's vae/config.json (no weights); None when it has none."""
+    if config_file(cfg.model, "vae", "config.json") is None:
+        return None
+    return adapter.vae_compression(load_config(adapter.vae_class(), cfg.model, "vae"))
 
 
 def build_optimizer(cfg: TrainConfig, transformer: nn.Module,
@@ -195,6 +215,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.require_paths()
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
+    if cfg.crepa_block_index is None:
+        cfg.crepa_block_index = adapter.default_crepa_block
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -236,7 +258,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         transformer, optimizer = accelerator.prepare(transformer, optimizer)
     trainables = [m for m in (transformer, projector) if m is not None]
     schedule = CrepaWeightSchedule(cfg.schedule_config())
-    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config)
+    parts = StepParts(adapter, transformer, projector, schedule, cfg, scheduler_config,
+                      pipeline_vae_compression(cfg, adapter))
     state = TrainState(transformer, projector, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)

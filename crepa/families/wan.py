@@ -62,6 +62,7 @@ class WanAdapter(FamilyAdapter):
     default_text_max_length = 512
     default_flow_shift = 3.0
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_crepa_block = 8
 
     def token_grid(self, transformer: nn.Module, latent_shape: torch.Size) -> tuple[int, int, int]:
         p_t, p_h, p_w = self.unwrap(transformer).config.patch_size

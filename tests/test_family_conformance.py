@@ -135,6 +135,30 @@ def test_block_tokens_fill_the_token_grid_in_raster_order(family, pipeline_folde
     torch.testing.assert_close(student.flatten(1, 3), raw[0], rtol=0, atol=0)  # token (t, h, w) is t*hs*ws + h*ws + w
 
 
+def test_the_student_block_is_captured_with_its_graph_however_blocks_are_called(family, pipeline_folder,
+                                                                               cached_sample):
+    """Forward hooks see the block's output whether the transformer calls it with keywords (LTX-Video) or positionally
+    (gradient checkpointing): the gradient through the captured student is the same either way."""
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    transformer = load_pipeline(family, pipeline_folder).transformer.train()
+    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
+    latent_shape = (1, *sample["latents"].shape)
+    first = adapter.blocks(transformer)[0]
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.zero_grad()
+        with BlockCapture(adapter, transformer, block_index=1) as capture:
+            transformer(**inputs)
+            student = capture.student(latent_shape)
+        student.square().mean().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in first.parameters() if p.grad is not None]))
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-7)
+
+
 def test_a_planted_latent_lands_at_its_place_in_the_token_grid(family, pipeline_folder, cached_sample):
     adapter = get_family(family)
     sample, _, text_length = cached_sample

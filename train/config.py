@@ -136,7 +136,8 @@ class TrainConfig:
     logit_std: float = field(default=1.0, metadata={"min": 0.0, "exclusive": True})
     """Std of the logit-normal density."""
     flow_shift: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
-    """Sigma shift (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
+    """Static sigma shift (default: the pipeline's scheduler/scheduler_config.json, static or from the token count,
+    else the family's default); the scheduler's shift_terminal stretch still applies."""
     dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
 

@@ -137,24 +137,50 @@ def test_without_the_vaes_compression_the_transformer_inputs_fail_clearly():
         ADAPTER.transformer_kwargs(torch.zeros(1, 8, 2, 3, 4), torch.ones(1), conditioning)
 
 
-def test_the_crepa_block_defaults_to_the_familys(tmp_path, tiny_pipelines, tiny_models):
+@pytest.fixture(scope="module")
+def ltx_cache(tmp_path_factory, tiny_pipelines, tiny_models) -> str:
+    """A one-clip cache of the tiny LTX-Video pipeline."""
     from conftest import write_dataset
 
     from precompute.config import PrecomputeConfig, TeacherSettings
     from precompute.pipeline import run_precompute
 
-    folder = tiny_pipelines("ltxvideo")
-    cache = str(tmp_path / "cache")
-    run_precompute(PrecomputeConfig(dataset_config=write_dataset(tmp_path, clips=1, family="ltxvideo"),
-                                    family="ltxvideo", out=cache, model=folder, device="cpu", decode_workers=0,
+    root = tmp_path_factory.mktemp("ltx_cache")
+    cache = str(root / "cache")
+    run_precompute(PrecomputeConfig(dataset_config=write_dataset(root, clips=1, family="ltxvideo"),
+                                    family="ltxvideo", out=cache, model=tiny_pipelines("ltxvideo"), device="cpu",
+                                    decode_workers=0,
                                     teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
-    config = TrainConfig(cache=cache, model=folder, output_dir=str(tmp_path / "run"), max_train_steps=1,
-                         dataloader_num_workers=0, report_to="none")
+    return cache
+
+
+def test_the_cache_describes_the_latents_as_ltx_normalises_them(ltx_cache):
+    from crepa.cache.store import CacheStore
+
+    (latents,) = CacheStore.open(ltx_cache).feature_sets("latents")
+    assert latents.attrs["normalisation"] == "(z - latents_mean) * scaling_factor / latents_std, as LTXPipeline"
+    assert (latents.attrs["temporal_compression"], latents.attrs["spatial_compression"]) == (8, 32)
+
+
+def test_the_crepa_block_defaults_to_the_familys(tmp_path, tiny_pipelines, ltx_cache):
+    config = TrainConfig(cache=ltx_cache, model=tiny_pipelines("ltxvideo"), output_dir=str(tmp_path / "run"),
+                         max_train_steps=1, dataloader_num_workers=0, report_to="none")
     assert config.crepa_block_index is None
     # LTX-Video's block 8 is past the tiny transformer's 3: the default is the family's, checked before step 0
     with pytest.raises(ValueError, match=r"crepa_block_index=8 is out of range.*0\.\.2"):
         run_train(config)
     assert ADAPTER.default_crepa_block == 8
+
+
+def test_packed_latents_and_predictions_round_trip_in_raster_order():
+    latents = torch.randn(2, 8, 3, 3, 4)
+    conditioning = Conditioning(torch.zeros(2, 4, 12), torch.ones(2, 4, dtype=torch.bool), vae_compression=(8, 32))
+    packed = ADAPTER.transformer_kwargs(latents, torch.ones(2), conditioning)["hidden_states"]
+    assert packed.shape == (2, 3 * 3 * 4, 8)
+    torch.testing.assert_close(packed[1, 2 * 12 + 1 * 4 + 3], latents[1, :, 2, 1, 3], rtol=0, atol=0)  # (t, h, w)
+    torch.testing.assert_close(ADAPTER.prediction((packed,), latents.shape), latents, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"prediction has shape \(2, 35, 8\), expected \(2, 36, 8\)"):
+        ADAPTER.prediction(packed[:, :35], latents.shape)
 
 
 def test_demo_trains_a_lora_the_pipeline_loads_and_generates_with(tmp_path):

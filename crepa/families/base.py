@@ -77,6 +77,8 @@ class FamilyAdapter(ABC):
     """Module-name suffixes that LoRA wraps by default."""
     default_crepa_block: int
     """The block CREPA aligns unless `crepa_block_index` says otherwise."""
+    latents_normalisation: str = "(z - latents_mean) / latents_std, as the diffusers pipeline"
+    """How `encode_video` normalises the VAE's latents, as the cache describes them."""
 
     def transformer_class(self) -> type[nn.Module]:
         import diffusers

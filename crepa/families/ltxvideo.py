@@ -83,6 +83,7 @@ class LTXVideoAdapter(FamilyAdapter):
     default_text_max_length = 128
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     default_crepa_block = 8
+    latents_normalisation = "(z - latents_mean) * scaling_factor / latents_std, as LTXPipeline"
 
     def default_scheduler_config(self) -> dict:
         return dict(SCHEDULER_CONFIG)

@@ -1,4 +1,5 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, LTX-Video 0.9 2B
+and its VAE, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -20,6 +21,14 @@ WAN_1_3B = dict(
 
 WAN_14B = WAN_1_3B | dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
 """Wan-AI/Wan2.1-T2V-14B-Diffusers: 40 blocks of 40 heads x 128 (5120 wide), ffn 13824; the rest as 1.3B."""
+
+LTX_VIDEO_2B = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
+)
+"""diffusers' transformer/config.json of Lightricks/LTX-Video (0.9.0, 2B): 28 blocks of 32 heads x 64, 128 latent
+channels in and out, T5-XXL captions (4096) projected to 2048; also LTXVideoTransformer3DModel's defaults."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
@@ -48,6 +57,20 @@ def wan_vae(dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan().to(dtype).eval().requires_grad_(False)
+
+
+def ltx_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32):
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(**(LTX_VIDEO_2B | ({"num_layers": layers} if layers else {})))
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def ltx_vae(dtype: torch.dtype = torch.float32):
+    """AutoencoderKLLTXVideo's defaults are the LTX-Video 0.9.0 VAE (128 latent channels, 32x spatial, 8x temporal)."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    return AutoencoderKLLTXVideo().to(dtype).eval().requires_grad_(False)
 
 
 def dinov2(name: str = "dinov2_vitg14", layers: int | None = None):

@@ -22,7 +22,7 @@ import torch
 
 from bench.common import markdown_table, median, parser, record, status_bytes
 from bench.real_configs import WAN_1_3B, WAN_14B, wan_transformer
-from bench.train_step import TEXT_DIM, TEXT_TOKENS, peak_bytes
+from bench.train_step import peak_bytes
 from train.precision import LOAD_DTYPE, base_bytes, prepare_base
 
 BASE_DTYPES = ("fp32", "bf16", "fp8")
@@ -118,10 +118,11 @@ def measure(args) -> None:
     optimizer = build_optimizer(config, model, projector)
     parts = StepParts(adapter, model, projector, CrepaWeightSchedule(config.schedule_config()), config, {})
     data = torch.Generator().manual_seed(1)  # the same batch for every variant
-    text = torch.zeros(1, TEXT_TOKENS, TEXT_DIM)
-    text[:, :120] = torch.randn(1, 120, TEXT_DIM, generator=data)
+    tokens, width = adapter.default_text_max_length, adapter.text_embedding_dim(model)
+    text = torch.zeros(1, tokens, width)
+    text[:, :120] = torch.randn(1, 120, width, generator=data)
     batch = {"keys": ["clip"], "latents": torch.randn(1, 16, 3, 8, 14, generator=data), "text": text,
-             "text_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.bool),
+             "text_mask": torch.ones(1, tokens, dtype=torch.bool),
              "teacher": torch.randn(1, 3, 4, 7, 1536, generator=data).to(torch.float16)}
     losses, times = [], []
     for step in range(args.steps):

@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench.common import markdown_table, median, parser, record, status_bytes
-from bench.real_configs import STEP_MODELS, WAN_1_3B, WAN_14B, wan_transformer
+from bench.real_configs import WAN_1_3B, WAN_14B, wan_transformer
 from bench.train_step import peak_bytes
 from train.precision import LOAD_DTYPE, base_bytes, prepare_base
 
@@ -118,11 +118,11 @@ def measure(args) -> None:
     optimizer = build_optimizer(config, model, projector)
     parts = StepParts(adapter, model, projector, CrepaWeightSchedule(config.schedule_config()), config, {})
     data = torch.Generator().manual_seed(1)  # the same batch for every variant
-    wan = STEP_MODELS["wan"]
-    text = torch.zeros(1, wan.text_tokens, wan.text_dim)
-    text[:, :120] = torch.randn(1, 120, wan.text_dim, generator=data)
+    tokens, width = adapter.default_text_max_length, adapter.text_embedding_dim(model)
+    text = torch.zeros(1, tokens, width)
+    text[:, :120] = torch.randn(1, 120, width, generator=data)
     batch = {"keys": ["clip"], "latents": torch.randn(1, 16, 3, 8, 14, generator=data), "text": text,
-             "text_mask": torch.ones(1, wan.text_tokens, dtype=torch.bool),
+             "text_mask": torch.ones(1, tokens, dtype=torch.bool),
              "teacher": torch.randn(1, 3, 4, 7, 1536, generator=data).to(torch.float16)}
     losses, times = [], []
     for step in range(args.steps):

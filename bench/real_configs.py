@@ -1,5 +1,5 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, SANA-Video 2B, the Wan 2.1 VAE,
-DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, LTX-Video 0.9 2B
+and its VAE, SANA-Video 2B, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -9,11 +9,8 @@ heads and patch sizes always stay the real ones.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 WAN_1_3B = dict(
     patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -34,6 +31,14 @@ SANA_VIDEO_2B = dict(
 """Efficient-Large-Model/SANA-Video_2B_480p_diffusers as diffusers' convert_sana_video_to_diffusers.py builds it:
 20 blocks of 20 heads x 112 (2240 wide), linear self-attention, mlp_ratio 3.0 (the class default is 2.5), captions
 from Gemma 2 2B (2304 wide); Wan 2.1 VAE latents."""
+
+LTX_VIDEO_2B = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
+)
+"""diffusers' transformer/config.json of Lightricks/LTX-Video (0.9.0, 2B): 28 blocks of 32 heads x 64, 128 latent
+channels in and out, T5-XXL captions (4096) projected to 2048; also LTXVideoTransformer3DModel's defaults."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
@@ -66,37 +71,25 @@ def sanavideo_transformer(layers: int | None = None, dtype: torch.dtype = torch.
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-@dataclass(frozen=True)
-class StepModel:
-    """A family's real DiT as the train-step benchmark builds it, with the text its cache serves."""
-
-    family: str
-    label: str
-    build: Callable[..., nn.Module]
-    """(layers) -> the transformer with that many blocks (all of them when None), random weights."""
-    layers: dict[str, int]
-    """Blocks at each preset: `full` is the real depth, `cpu` a tenth of it."""
-    hidden: int
-    """Width of the block outputs CREPA aligns."""
-    text_tokens: int
-    """Text length the cache pads to (the family's default max length)."""
-    text_dim: int
-    caption_tokens: int = 120
-    """Tokens of a typical caption: the unmasked part of the text."""
-
-
-STEP_MODELS = {
-    "wan": StepModel("wan", "Wan 2.1 1.3B", wan_transformer, {"cpu": 3, "full": 30}, 1536, 512, 4096),
-    "sanavideo": StepModel("sanavideo", "SANA-Video 2B 480p", sanavideo_transformer, {"cpu": 2, "full": 20}, 2240,
-                           300, 2304),
-}
-
-
 def wan_vae(dtype: torch.dtype = torch.float32):
     """AutoencoderKLWan's defaults are the Wan 2.1 VAE (base 96, z 16, mults 1-2-4-4, latent mean/std)."""
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan().to(dtype).eval().requires_grad_(False)
+
+
+def ltx_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32):
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(**(LTX_VIDEO_2B | ({"num_layers": layers} if layers else {})))
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def ltx_vae(dtype: torch.dtype = torch.float32):
+    """AutoencoderKLLTXVideo's defaults are the LTX-Video 0.9.0 VAE (128 latent channels, 32x spatial, 8x temporal)."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    return AutoencoderKLLTXVideo().to(dtype).eval().requires_grad_(False)
 
 
 def dinov2(name: str = "dinov2_vitg14", layers: int | None = None):

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from crepa.families.base import FamilyAdapter
+from crepa.families.base import FamilyAdapter, spatial_patch
 
 TINY_WORDS = (
     "a the of and in on with red green blue yellow white black circle square shape shapes moving moves "
@@ -55,13 +55,22 @@ def tiny_gemma_tokenizer(extra_text: str = ""):
     return GemmaTokenizerFast(vocab=vocab, merges=list(merges), add_bos_token=True, model_max_length=8192)
 
 
+def tiny_clip_size(adapter: FamilyAdapter, latent_frames: int = 3, rows: int = 3,
+                   columns: int = 4) -> tuple[int, int, int]:
+    """(frames, width, height) of clips for the family's tiny models whose token grid is latent_frames x rows x
+    columns: the family's own frame and side rules (t_c*k+1 frames, sides a multiple of compression x patch)."""
+    temporal, spatial = adapter.vae_compression(adapter.tiny_vae_config())
+    multiple = spatial * spatial_patch(adapter.tiny_transformer_config())
+    return 1 + (latent_frames - 1) * temporal, columns * multiple, rows * multiple
+
+
 def save_tiny_pipeline(adapter: FamilyAdapter, folder: str, seed: int = 0) -> str:
     """Write a complete diffusers pipeline folder (transformer, vae, text encoders, tokenizers, scheduler)."""
     import diffusers
 
     torch.manual_seed(seed)
     text = adapter.tiny_text_components()
-    vae = adapter.vae_class()(**adapter.tiny_vae_config()).eval()
+    vae = adapter.tiny_vae()
     transformer = adapter.transformer_class()(**adapter.tiny_transformer_config()).eval()
     pipeline = getattr(diffusers, adapter.pipeline_class_name)(
         vae=vae, scheduler=adapter.tiny_scheduler(), transformer=transformer, **text

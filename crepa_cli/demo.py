@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import re
 from pathlib import Path
 
 import click
@@ -27,8 +27,23 @@ def prepare_demo(workdir: str, family: str = "wan") -> dict[str, str]:
         save_tiny_dinov2(paths["encoder"])
     if not os.path.isdir(paths["clips"]):
         write_captioned_clips(Path(paths["clips"]))
-    shutil.copyfile(DEMO_CONFIG, paths["config"])
+    Path(paths["config"]).write_text(demo_dataset_config(family))
     return paths
+
+
+def demo_dataset_config(family: str) -> str:
+    """datasets_cfg/demo.toml with the one bucket the family's tiny models take, from the family's frame and side
+    rules (Wan: 9 frames of 64x48; LTX-Video: 17 frames of 128x96)."""
+    from crepa.families import get_family
+    from crepa.tiny_models import tiny_clip_size
+
+    frames, width, height = tiny_clip_size(get_family(family))
+    text = DEMO_CONFIG.read_text()
+    for key, value in (("resolutions", f"[[{width}, {height}]]"), ("target_frames", f"[{frames}]")):
+        text, count = re.subn(rf"^{key} = \[[^#\n]*\]", f"{key} = {value}", text, flags=re.MULTILINE)
+        if count != 1:
+            raise RuntimeError(f"{DEMO_CONFIG} has {count} `{key} = [...]` lines, expected one")
+    return text
 
 
 def run_demo(workdir: str, family: str = "wan") -> None:

@@ -39,7 +39,7 @@ from crepa.cache.quantize import quantize_per_token
 from crepa.cache.store import CacheStore, FeatureSet, SegmentWriter
 from crepa.encoders import resolve_encoder
 from crepa.families import FamilyAdapter, get_family
-from crepa.families.base import ImageConditioning, ImageEncoders
+from crepa.families.base import ImageConditioning, ImageEncoders, spatial_patch
 from crepa.families.loading import load_config, resolve_dtype
 from crepa.prompts import EMPTY_PROMPT, read_prompts
 from precompute.config import PrecomputeConfig
@@ -148,7 +148,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     vae_config = load_config(adapter.vae_class(), config.model, "vae", config.vae)
     temporal, spatial = adapter.vae_compression(vae_config)
     transformer_config = _transformer_config(adapter, config)
-    patch = _patch(transformer_config)
+    patch = spatial_patch(transformer_config or {})
     conditioning = adapter.image_conditioning(transformer_config, vae_config) if transformer_config else None
     dataset_file = load_dataset_config(config.dataset_config, temporal)
     for dataset in dataset_file.datasets:
@@ -259,12 +259,6 @@ def _transformer_config(adapter: FamilyAdapter, config: PrecomputeConfig) -> dic
         return load_config(adapter.transformer_class(), config.model, "transformer")
     except OSError:
         return None
-
-
-def _patch(transformer_config: dict | None) -> int:
-    """Spatial patch of the DiT (1 when its config is unknown)."""
-    patch = (transformer_config or {}).get("patch_size", 1)
-    return int(patch[-1] if isinstance(patch, list | tuple) else patch)
 
 
 def _encoder_config(config: PrecomputeConfig) -> dict:

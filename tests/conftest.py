@@ -40,16 +40,21 @@ def tiny_models(tmp_path_factory, tiny_pipelines) -> dict[str, str]:
     }
 
 
-def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "",
-                  resolution: tuple[int, int] = (64, 48)) -> str:
-    """`clips` moving-shape videos with captions in folder/clips and a dataset TOML of one (width, height) bucket;
+def write_dataset(folder: Path, clips: int = 3, frames: int = 17, config_extra: str = "", family: str = "wan",
+                  resolution: tuple[int, int] | None = None) -> str:
+    """`clips` moving-shape videos of `frames` frames with captions in folder/clips and a dataset TOML of one bucket,
+    sized for the family's tiny models (Wan: 9 frames of 64x48) unless `resolution` (width, height) is given;
     returns its path."""
+    from crepa.families import get_family
+    from crepa.tiny_models import tiny_clip_size
     from precompute.synthetic import write_captioned_clips
 
+    target, width, height = tiny_clip_size(get_family(family))
+    width, height = resolution or (width, height)
     write_captioned_clips(folder / "clips", count=clips, frames=frames)
     config = folder / "dataset.toml"
     config.write_text(
-        f"[general]\nresolutions = [{list(resolution)}]\ntarget_frames = [9]\nframe_extraction = \"head\"\n"
+        f"[general]\nresolutions = [[{width}, {height}]]\ntarget_frames = [{target}]\nframe_extraction = \"head\"\n"
         f"{config_extra}\n[[datasets]]\nname = \"t\"\nvideo_directory = \"clips\"\n"
     )
     return str(config)

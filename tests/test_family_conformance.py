@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from crepa.cache.view import CacheView
 from crepa.capture import BlockCapture
 from crepa.errors import UserError
 from crepa.families import SUPPORTED_FAMILIES, Conditioning, get_family
+from crepa.families.base import spatial_patch
+from crepa.families.loading import load_config
+from crepa.tiny_models import tiny_clip_size
 from precompute.config import PrecomputeConfig, TeacherSettings
 from precompute.pipeline import run_precompute
 from train.config import TrainConfig
@@ -48,7 +52,7 @@ def one_clip_cache(family, pipeline_folder, tiny_models, tmp_path_factory) -> st
     """A finished cache of one clip for `family`, text stored in float32 to compare with the pipeline's."""
     root = tmp_path_factory.mktemp(f"{family}_cache")
     out = str(root / "cache")
-    dataset = write_dataset(root, clips=1, resolution=CLIP_SIZE)
+    dataset = write_dataset(root, clips=1, family=family, resolution=CLIP_SIZE)
     run_precompute(PrecomputeConfig(dataset_config=dataset, family=family, out=out,
                                     model=pipeline_folder, device="cpu", decode_workers=0, text_dtype="float32",
                                     teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
@@ -69,13 +73,22 @@ def load_pipeline(family: str, folder: str):
     return getattr(diffusers, get_family(family).pipeline_class_name).from_pretrained(folder)
 
 
-def forward_inputs(family: str, sample: dict, text_length: int, seed: int = 3) -> dict:
-    """The adapter's transformer kwargs for noise shaped like the cached clip, with its cached text."""
-    batch = collate([to_tensors(sample)], text_length)
-    generator = torch.Generator().manual_seed(seed)
-    noisy = torch.randn(batch["latents"].shape, generator=generator)
-    return get_family(family).transformer_kwargs(noisy, torch.tensor([400.0]),
-                                                 Conditioning.from_batch(batch, noisy.device))
+def conditioning(family: str, folder: str, samples: list[dict], text_length: int) -> Conditioning:
+    """The cached clips' conditioning as the trainer builds it, with the VAE compression of the pipeline's config."""
+    adapter = get_family(family)
+    compression = adapter.vae_compression(load_config(adapter.vae_class(), folder, "vae"))
+    return Conditioning.from_batch(collate([to_tensors(s) for s in samples], text_length), torch.device("cpu"),
+                                   compression)
+
+
+def forward_inputs(family: str, folder: str, sample: dict, text_length: int, latents: torch.Tensor | None = None,
+                   seed: int = 3) -> dict:
+    """The adapter's transformer kwargs for `latents` (B, C, F, H, W; default noise shaped like the cached clip),
+    with the clip's cached text."""
+    if latents is None:
+        latents = torch.randn((1, *sample["latents"].shape), generator=torch.Generator().manual_seed(seed))
+    return get_family(family).transformer_kwargs(latents, torch.tensor([400.0]),
+                                                 conditioning(family, folder, [sample], text_length))
 
 
 def block_input(transformer: torch.nn.Module, block: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -111,7 +124,7 @@ def test_block_tokens_fill_the_token_grid_in_raster_order(family, pipeline_folde
     adapter = get_family(family)
     sample, _, text_length = cached_sample
     transformer = load_pipeline(family, pipeline_folder).transformer.eval()
-    inputs = forward_inputs(family, sample, text_length)
+    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
     latent_shape = (1, *sample["latents"].shape)
     grid = adapter.token_grid(transformer, latent_shape)
     assert all(0 < cells <= size for cells, size in zip(grid, latent_shape[2:], strict=True))
@@ -130,13 +143,37 @@ def test_block_tokens_fill_the_token_grid_in_raster_order(family, pipeline_folde
     torch.testing.assert_close(student.flatten(1, 3), raw[0], rtol=0, atol=0)  # token (t, h, w) is t*hs*ws + h*ws + w
 
 
+def test_the_student_block_is_captured_with_its_graph_however_blocks_are_called(family, pipeline_folder,
+                                                                               cached_sample):
+    """Forward hooks see the block's output whether the transformer calls it with keywords (LTX-Video) or positionally
+    (gradient checkpointing): the gradient through the captured student is the same either way."""
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    transformer = load_pipeline(family, pipeline_folder).transformer.train()
+    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
+    latent_shape = (1, *sample["latents"].shape)
+    first = adapter.blocks(transformer)[0]
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.zero_grad()
+        with BlockCapture(adapter, transformer, block_index=1) as capture:
+            transformer(**inputs)
+            student = capture.student(latent_shape)
+        student.square().mean().backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in first.parameters() if p.grad is not None]))
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-7)
+
+
 def test_a_planted_latent_lands_at_its_place_in_the_token_grid(family, pipeline_folder, cached_sample):
     adapter = get_family(family)
     sample, _, text_length = cached_sample
     transformer = load_pipeline(family, pipeline_folder).transformer.eval()
-    inputs = forward_inputs(family, sample, text_length)
-    latents = inputs["hidden_states"]
-    latent_shape = (1, *sample["latents"].shape)
+    latents = torch.randn((1, *sample["latents"].shape), generator=torch.Generator().manual_seed(3))
+    inputs = forward_inputs(family, pipeline_folder, sample, text_length, latents)
+    latent_shape = latents.shape
     grid = adapter.token_grid(transformer, latent_shape)
     block = adapter.blocks(transformer)[0]
     base = adapter.tokens_to_grid(block_input(transformer, block, inputs), grid)
@@ -145,14 +182,36 @@ def test_a_planted_latent_lands_at_its_place_in_the_token_grid(family, pipeline_
     for t, h, w in [(frames - 1, 0, 0), (0, height - 1, 0), (0, 0, width - 1), (frames - 1, height - 1, 0)]:
         planted = latents.clone()
         planted[:, :, t, h, w] += 10.0
-        tokens = adapter.tokens_to_grid(block_input(transformer, block, inputs | {"hidden_states": planted}), grid)
+        planted_inputs = forward_inputs(family, pipeline_folder, sample, text_length, planted)
+        tokens = adapter.tokens_to_grid(block_input(transformer, block, planted_inputs), grid)
         changed = (tokens - base).abs().amax(dim=(0, 4)).gt(1e-6).nonzero().tolist()
         assert changed == [[t * grid[0] // frames, h * grid[1] // height, w * grid[2] // width]], (t, h, w)
 
 
+def test_a_bucket_off_the_familys_rules_fails_before_models_load(family, pipeline_folder, tiny_models, tmp_path):
+    """Frames must be t_c*k+1 and sides multiples of compression x patch, read from the pipeline's configs (Wan 4k+1
+    and 16, LTX-Video 8k+1 and 32); a value half a step off is refused with the rule and the nearest valid values."""
+    adapter = get_family(family)
+    temporal, spatial = adapter.vae_compression(load_config(adapter.vae_class(), pipeline_folder, "vae"))
+    multiple = spatial * spatial_patch(load_config(adapter.transformer_class(), pipeline_folder, "transformer"))
+    frames, width, height = tiny_clip_size(adapter)
+    cases = [(f"target_frames = [{frames}]", f"target_frames = [{frames + temporal // 2}]",
+              rf"value {frames + temporal // 2} is not {temporal}k\+1.*use {frames} or {frames + temporal}"),
+             (f"resolutions = [[{width}, {height}]]", f"resolutions = [[{width + multiple // 2}, {height}]]",
+              rf"\[{width + multiple // 2}, {height}\] is not a multiple of {multiple}")]
+    for index, (good, bad, message) in enumerate(cases):
+        config = Path(write_dataset(tmp_path / str(index), clips=1, family=family))
+        config.write_text(config.read_text().replace(good, bad))
+        with pytest.raises(ValueError, match=message):
+            run_precompute(PrecomputeConfig(dataset_config=str(config), family=family, out=str(tmp_path / "out"),
+                                            model=pipeline_folder, device="cpu", decode_workers=0,
+                                            teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
+        assert not (tmp_path / "out").exists()
+
+
 def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeline_folder, cached_sample):
     adapter = get_family(family)
-    sample, caption, _ = cached_sample
+    sample, caption, text_length = cached_sample
     pipe = load_pipeline(family, pipeline_folder)
     torch.manual_seed(0)
     frames, height, width = pixel_size(adapter, pipe, (1, *sample["latents"].shape))
@@ -175,9 +234,11 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
     pipe.vae.decode = recording_decode
     zero = pipe.transformer.register_forward_hook(
         lambda module, args, output: torch.utils._pytree.tree_map(torch.zeros_like, output))
+    # the pipeline's `latents` are in the layout its transformer takes (packed for LTX-Video)
+    layout = forward_inputs(family, pipeline_folder, sample, text_length, latents.clone())["hidden_states"]
     try:
         with torch.no_grad():
-            pipeline_call(pipe, frames, height, width, prompt=caption, latents=latents.clone(), num_inference_steps=1,
+            pipeline_call(pipe, frames, height, width, prompt=caption, latents=layout, num_inference_steps=2,
                           guidance_scale=1.0, output_type="pt")
     finally:
         zero.remove()
@@ -186,10 +247,17 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
     torch.testing.assert_close(ours, pixels_out, rtol=0, atol=1e-5)
 
 
-def pipeline_call(pipe, frames: int, height: int, width: int, **kwargs):
-    """`pipe(...)` at a clip's size, the frame count under the name this pipeline's `__call__` gives it."""
+def pipeline_call(pipe, frames: int, height: int, width: int, fps: float | None = None, **kwargs):
+    """`pipe(...)` at a clip's size (and frame rate, for pipelines that take one), the frame count under the name this
+    pipeline's `__call__` gives it.
+
+    Callers take two steps: a one-step schedule ends where it starts, and a scheduler that stretches its schedule to
+    a terminal sigma (LTX-Video's) divides by zero on it.
+    """
     params = inspect.signature(pipe.__call__).parameters
     frames_name = "num_frames" if "num_frames" in params else "frames"
+    if fps is not None and "frame_rate" in params:
+        kwargs["frame_rate"] = fps
     if "use_resolution_binning" in params:  # binning snaps to the model's trained sizes; the tiny clip has its own
         kwargs["use_resolution_binning"] = False
     return pipe(**{frames_name: frames}, height=height, width=width, **kwargs)
@@ -214,14 +282,14 @@ def test_cached_inputs_condition_the_transformer_as_the_pipeline_does(family, pi
         lambda module, args, kwargs: calls.append(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
     try:
         with torch.no_grad():
-            pipeline_call(pipe, *pixel_size(adapter, pipe, latent_shape), prompt=caption, num_inference_steps=1,
-                          guidance_scale=1.0, output_type="latent")
+            pipeline_call(pipe, *pixel_size(adapter, pipe, latent_shape), fps=sample["fps"], prompt=caption,
+                          num_inference_steps=2, guidance_scale=1.0, output_type="latent")
     finally:
         hook.remove()
     theirs = calls[0]
     noisy = adapter.prediction(theirs["hidden_states"], latent_shape)  # the pipeline's latents, in (B, C, F, H, W)
-    batch = collate([to_tensors(sample)], text_length)
-    ours = adapter.transformer_kwargs(noisy, pipe.scheduler.timesteps[:1], Conditioning.from_batch(batch, noisy.device))
+    ours = adapter.transformer_kwargs(noisy, pipe.scheduler.timesteps[:1],
+                                      conditioning(family, pipeline_folder, [sample], text_length))
 
     cached = torch.from_numpy(sample["text"]).float()
     torch.testing.assert_close(cached, theirs["encoder_hidden_states"][0, : len(cached)], rtol=0, atol=1e-5)
@@ -246,7 +314,7 @@ def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, 
     trained.load_state_dict(load_file(os.path.join(two_step_run, "checkpoint-2", "trainable.safetensors")),
                             strict=False)
     ours = lora_layers(trained)
-    inputs = forward_inputs(family, sample, text_length)
+    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
     with torch.no_grad():
         expected = trained(**inputs)[0]
         base = load_pipeline(family, pipeline_folder).transformer.eval()(**inputs)[0]
@@ -307,4 +375,6 @@ def test_defaults_are_the_pipelines(family, pipeline_folder):
     pipe = load_pipeline(family, pipeline_folder)
     assert inspect.signature(pipe.__call__).parameters["max_sequence_length"].default == \
         adapter.default_text_max_length
-    assert adapter.flow_shift(dict(pipe.scheduler.config), torch.Size((1, 4, 3, 4, 6))) == adapter.default_flow_shift
+    shape = torch.Size((1, 4, 3, 4, 6))
+    assert adapter.flow_shift(dict(pipe.scheduler.config), shape) == \
+        adapter.flow_shift(adapter.default_scheduler_config(), shape)

@@ -139,3 +139,15 @@ def test_noise_and_timesteps_follow_seed_step_and_clip_key_alone():
     torch.testing.assert_close(again_sigmas, sigmas[[2, 0]], rtol=0, atol=0)
     for other in (sample_noise(["a"], (2, 3), 7, 6, sampling, cpu), sample_noise(["a"], (2, 3), 8, 5, sampling, cpu)):
         assert not torch.equal(other[0][0], noise[0]) and not torch.equal(other[1][0], sigmas[0])
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "logit_normal"])
+def test_a_terminal_stretch_is_the_schedulers_on_a_schedule_that_ends_at_zero(scheme):
+    """The scheduler stretches its schedule affinely so that its last sigma lands on `shift_terminal`; for a schedule
+    whose last sigma is 0 (the continuous one) that maps sigma to terminal + (1 - terminal) * sigma."""
+    raw = unshifted(64, scheme, seed=1)
+    ours = TimestepSampling(scheme, 3.0, terminal=0.1).sample(64, torch.Generator().manual_seed(1))
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)
+    reference.set_timesteps(sigmas=[*raw.tolist(), 0.0])
+    torch.testing.assert_close(ours, reference.sigmas[:-2], rtol=1e-6, atol=1e-6)  # then 0.0 stretched, and 0
+    assert ours.min() > 0.1 and ours.max() < 1.0

@@ -74,7 +74,8 @@ def test_flow_shift_without_a_scheduler_is_the_family_default_and_says_so(tmp_pa
     out = str(tmp_path / "run")
     run_train(train_config(trained_cache, tiny_models, out, model=model, max_train_steps=1))
     assert metrics(out)[0]["flow_shift"] == get_family("wan").default_flow_shift
-    assert "flow shift 3.0: the wan default, the pipeline has no scheduler config" in capsys.readouterr().out
+    assert "flow shift from the wan default scheduler config {'shift': 3.0} (the pipeline has none" in \
+        capsys.readouterr().out
 
 
 def test_drawn_sigmas_are_the_pipeline_schedulers(tmp_path, trained_cache, tiny_models, wan_720p):

@@ -43,7 +43,7 @@ def i2v_cache(tmp_path_factory, tiny_models, i2v_pipeline) -> tuple[str, str]:
     summary = run_precompute(PrecomputeConfig(
         dataset_config=write_dataset(root, clips=1), family="wan", out=str(root / "cache"), model=i2v_pipeline,
         device="cpu", decode_workers=0, teacher=TeacherSettings(encoder=tiny_models["dinov2"], image_size=56)))
-    assert summary.computed == {"latents": 1, "teacher": 1, "condition": 1, "text": 2}  # the caption and the empty prompt
+    assert summary.computed == {"latents": 1, "teacher": 1, "condition": 1, "text": 2}  # caption, empty prompt
     return str(root / "cache"), str(root)
 
 

@@ -43,8 +43,8 @@ class TrainConfig:
     # CREPA
     crepa_enabled: bool = True
     """Add the CREPA loss."""
-    crepa_block_index: int = field(default=8, metadata={"min": 0})
-    """0-based DiT block whose output is aligned."""
+    crepa_block_index: int | None = field(default=None, metadata={"min": 0})
+    """0-based DiT block whose output is aligned (default: the family's, 8 for Wan and LTX-Video)."""
     crepa_lambda: float = field(default=0.5, metadata={"min": 0.0})
     """CREPA weight lambda."""
     crepa_adjacent_distance: int = field(default=1, metadata={"min": 0})
@@ -153,7 +153,8 @@ class TrainConfig:
     max_timestep: float = field(default=1000.0, metadata={"min": 0.0, "max": 1000.0})
     """Highest timestep trained (0..1000, after the shift)."""
     flow_shift: float | None = field(default=None, metadata={"min": 0.0, "exclusive": True})
-    """Flow shift k (default: the pipeline's scheduler/scheduler_config.json, else the family's default)."""
+    """Static sigma shift (default: the pipeline's scheduler/scheduler_config.json, static or from the token count,
+    else the family's default); the scheduler's shift_terminal stretch still applies."""
     dataloader_num_workers: int = field(default=2, metadata={"min": 0})
     """DataLoader worker processes."""
     caption_dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})

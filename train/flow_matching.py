@@ -26,7 +26,9 @@ class TimestepSampling:
     - sigmoid:      sigma = sigmoid(sigmoid_scale * z), no shift (musubi-tuner's `sigmoid`)
     - shift:        sigma = shift(sigmoid(sigmoid_scale * z)) (musubi-tuner's `shift`)
 
-    shift(s) = k*s / (1 + (k-1)*s) with k the flow shift, FlowMatchEulerDiscreteScheduler's static shift.
+    shift(s) = k*s / (1 + (k-1)*s) with k the flow shift, FlowMatchEulerDiscreteScheduler's static shift (its
+    dynamic shift is the static one with k = e^mu); with the scheduler's `shift_terminal` the shifted sigma is then
+    stretched to terminal + (1 - terminal) * sigma, the scheduler's stretch of a schedule whose last sigma is 0.
     A timestep range narrower than [0, 1000] maps the draw to its quantile p (u itself, or Phi(z)), rescales p into
     [F(min), F(max)], F being the density's CDF at sigma = timestep / 1000, and maps it back: sigma then follows the
     density truncated to the range (what rejecting draws outside it would give, without a loop), rather than the
@@ -41,16 +43,23 @@ class TimestepSampling:
     sigmoid_scale: float = 1.0
     min_timestep: float = 0.0
     max_timestep: float = 1000.0
+    terminal: float = 0.0
+    """The scheduler's shift_terminal (0: none); applied with the shift."""
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, flow_shift: float) -> TimestepSampling:
+    def from_config(cls, cfg: TrainConfig, flow_shift: float, terminal: float = 0.0) -> TimestepSampling:
         return cls(cfg.timestep_sampling, flow_shift, cfg.logit_mean, cfg.logit_std, cfg.sigmoid_scale,
-                   cfg.min_timestep, cfg.max_timestep)
+                   cfg.min_timestep, cfg.max_timestep, terminal)
 
     @property
     def shift(self) -> float:
         """The shift applied to the draws: the model's, or 1 (none) for `sigmoid`."""
         return self.flow_shift if self.scheme in SHIFTED_SAMPLING else 1.0
+
+    @property
+    def stretch(self) -> float:
+        """The terminal the draws are stretched to: the scheduler's, or 0 (none) for `sigmoid`."""
+        return self.terminal if self.scheme in SHIFTED_SAMPLING else 0.0
 
     def within(self, sigma_range: tuple[float, float]) -> TimestepSampling:
         """The same density cut to the noise levels `sigma_range` (low, high) as well: what the denoiser of one
@@ -80,12 +89,13 @@ class TimestepSampling:
         else:
             mean, std = self._normal()
             sigma = torch.sigmoid(mean + std * draw)
-        k = self.shift
-        return k * sigma / (1.0 + (k - 1.0) * sigma)
+        k, terminal = self.shift, self.stretch
+        return terminal + (1.0 - terminal) * (k * sigma / (1.0 + (k - 1.0) * sigma))
 
     def cdf(self, sigma: torch.Tensor) -> torch.Tensor:
         """The density's CDF at `sigma` (before any timestep range): the quantile of the draw `_sigma` maps to it."""
-        k = self.shift
+        k, terminal = self.shift, self.stretch
+        sigma = ((sigma - terminal) / (1.0 - terminal)).clamp(0.0, 1.0)  # the stretch's inverse
         sigma = sigma / (k - (k - 1.0) * sigma)  # the shift's inverse
         if self.scheme == "uniform":
             return sigma

@@ -69,15 +69,18 @@ def check_comfyui_export(adapter: FamilyAdapter, transformer: nn.Module) -> dict
 
 
 def comfyui_state_dict(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter under ComfyUI's module names, as lora_A / lora_B weights and one alpha per layer."""
+    """The adapter under ComfyUI's module names, as lora_A / lora_B weights with peft's scaling folded into lora_B.
+
+    ComfyUI scales a LoRA by alpha / rank when it has an `.alpha` key and by 1 without one; no alpha is written
+    because diffusers' loaders of several families (LTX-Video's among them) refuse keys that do not say "lora".
+    """
     names = check_comfyui_export(adapter, transformer)
     state = {}
     for name, layer in lora_layers(transformer).items():
         comfy = names[name]
         state[f"{comfy}.lora_A.weight"] = layer.lora_A["default"].weight.detach().to("cpu").contiguous()
-        state[f"{comfy}.lora_B.weight"] = layer.lora_B["default"].weight.detach().to("cpu").contiguous()
-        # ComfyUI scales by alpha / rank, peft by `scaling`: this alpha gives the same change
-        state[f"{comfy}.alpha"] = torch.tensor(layer.scaling["default"] * layer.r["default"])
+        state[f"{comfy}.lora_B.weight"] = (layer.lora_B["default"].weight.detach() *
+                                           layer.scaling["default"]).to("cpu").contiguous()
     return state
 
 

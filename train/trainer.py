@@ -62,6 +62,8 @@ class StepParts:
     """Noise levels the transformer denoises in its pipeline (one expert of several); None: all of them."""
     empty_text: Conditioning | None = None
     """The cached empty prompt (one prompt) that replaces dropped captions; None without caption dropout."""
+    vae_compression: tuple[int, int] | None = None
+    """(temporal, spatial) compression of the pipeline's VAE (from its config), None when the folder has no VAE."""
 
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
@@ -69,7 +71,8 @@ class StepParts:
 
     def sampling(self, latent_shape: torch.Size) -> TimestepSampling:
         """The density of the noise levels this transformer trains on, for latents of `latent_shape`."""
-        sampling = TimestepSampling.from_config(self.config, self.shift(latent_shape))
+        sampling = TimestepSampling.from_config(self.config, self.shift(latent_shape),
+                                                self.adapter.flow_terminal(self.scheduler_config))
         return sampling if self.sigma_range is None else sampling.within(self.sigma_range)
 
     def at_step(self, denoisers: DenoiserSet, step: int, latent_shape: torch.Size) -> tuple[StepParts, dict]:
@@ -113,7 +116,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, sampling, device)
     noisy, target = noisy_input(latents, noise, sigmas)
-    conditioning = Conditioning.from_batch(batch, device)
+    conditioning = Conditioning.from_batch(batch, device, parts.vae_compression)
     if parts.empty_text is not None:
         conditioning = drop_captions(conditioning, parts.empty_text,
                                      dropped_captions(batch["keys"], cfg.seed, step, cfg.caption_dropout))
@@ -175,17 +178,31 @@ def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: Tr
 
 def scheduler_settings(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[dict, str]:
     """The pipeline's scheduler config ({} when it has none), read without weights, and the start-up line's
-    account of where the flow shift comes from."""
-    if cfg.flow_shift:
-        return {}, f"flow shift {cfg.flow_shift} (--flow-shift)"
+    account of where the flow shift (and the terminal stretch, where there is one) comes from."""
     path = config_file(cfg.model, "scheduler", "scheduler_config.json")
     if path is None:
-        return {}, (f"flow shift {adapter.default_flow_shift}: the {adapter.name} default, the pipeline has no "
-                    "scheduler config (pass --flow-shift to set it)")
-    from diffusers import FlowMatchEulerDiscreteScheduler
+        config = {}
+        source = (f"flow shift from the {adapter.name} default scheduler config {adapter.default_scheduler_config()} "
+                  "(the pipeline has none; pass --flow-shift to set the shift)")
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    # any scheduler class's load_config returns scheduler_config.json as saved, whichever scheduler wrote it
-    return load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler"), f"flow shift from {path}"
+        # any scheduler class's load_config returns scheduler_config.json as saved, whichever scheduler wrote it
+        config = load_config(FlowMatchEulerDiscreteScheduler, cfg.model, "scheduler")
+        source = f"flow shift from {path}"
+    if cfg.flow_shift:
+        source = f"flow shift {cfg.flow_shift} (--flow-shift)"
+    terminal = adapter.flow_terminal(config)
+    if terminal:
+        source += f", sigmas stretched to end at {terminal} (shift_terminal)"
+    return config, source
+
+
+def pipeline_vae_compression(cfg: TrainConfig, adapter: FamilyAdapter) -> tuple[int, int] | None:
+    """(temporal, spatial) compression from the pipeline's vae/config.json (no weights); None when it has none."""
+    if config_file(cfg.model, "vae", "config.json") is None:
+        return None
+    return adapter.vae_compression(load_config(adapter.vae_class(), cfg.model, "vae"))
 
 
 def build_optimizer(cfg: TrainConfig, transformer: nn.Module, projector: nn.Module | None,
@@ -234,6 +251,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     cfg.require_paths()
     cfg.family = cfg.family or default_family(cfg.cache)
     adapter = get_family(cfg.family)
+    if cfg.crepa_block_index is None:
+        cfg.crepa_block_index = adapter.default_crepa_block
     if cfg.comfyui_export:
         check_comfyui_family(adapter)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
@@ -266,7 +285,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     schedule = CrepaWeightSchedule(cfg.schedule_config())
     first = denoisers.denoisers[0]
     parts = StepParts(adapter, first.transformer, first.projector, schedule, cfg, scheduler_config,
-                      empty_text=empty_text)
+                      empty_text=empty_text, vae_compression=pipeline_vae_compression(cfg, adapter))
     state = TrainState(denoisers, optimizer, lr_scheduler, schedule)
 
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from crepa.errors import UserError
 from crepa.families.base import Conditioning, FamilyAdapter
+from crepa.families.ltxvideo import LTXVideoAdapter
 from crepa.families.sanavideo import SanaVideoAdapter
 from crepa.families.wan import WanAdapter
 
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {
     WanAdapter.name: WanAdapter,
+    LTXVideoAdapter.name: LTXVideoAdapter,
     SanaVideoAdapter.name: SanaVideoAdapter,
 }
 SUPPORTED_FAMILIES = tuple(_ADAPTERS)

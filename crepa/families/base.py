@@ -53,11 +53,21 @@ class Conditioning:
     first frame followed by zeros)."""
     image_embeds: torch.Tensor | None = None
     """(B, N, D_img) image-encoder embeddings of the first frame, for transformers that take them (Wan 2.1 I2V)."""
+    vae_compression: tuple[int, int] | None = None
+    """(temporal, spatial) compression of the pipeline's VAE, for families whose transformer scales positions by it."""
 
     @classmethod
-    def from_batch(cls, batch: dict, device: torch.device) -> Conditioning:
+    def from_batch(cls, batch: dict, device: torch.device,
+                   vae_compression: tuple[int, int] | None = None) -> Conditioning:
         """The conditioning of a collated batch (train.data.collate), on `device`."""
-        return cls(**{f.name: batch[f.name].to(device) for f in fields(cls) if batch.get(f.name) is not None})
+        arrays = {f.name: batch[f.name].to(device) for f in fields(cls) if isinstance(batch.get(f.name), torch.Tensor)}
+        return cls(**arrays, vae_compression=vae_compression)
+
+
+def spatial_patch(transformer_config: dict) -> int:
+    """The DiT's spatial patch from its config's `patch_size`: an int, or one per axis with the width last."""
+    patch = transformer_config.get("patch_size") or 1
+    return int(patch[-1] if isinstance(patch, list | tuple) else patch)
 
 
 class FamilyAdapter(ABC):
@@ -79,12 +89,17 @@ class FamilyAdapter(ABC):
     default_text_max_length: int
     """Tokenizer max length the family's pipeline uses."""
     default_flow_shift: float
-    """Timestep shift of the family's flow-matching scheduler, for pipelines that have no scheduler config."""
+    """Timestep shift of the family's flow-matching scheduler, for pipelines that have no scheduler config (families
+    whose scheduler shifts otherwise override `default_scheduler_config`)."""
     default_lora_targets: tuple[str, ...]
     """Module-name suffixes that LoRA wraps by default."""
     comfyui_lora: bool = True
     """Whether ComfyUI has a native model of this family that loads LoRAs under `comfyui_modules`' names; when it
     has none, --comfyui-export is refused."""
+    default_crepa_block: int
+    """The block CREPA aligns unless `crepa_block_index` says otherwise."""
+    latents_normalisation: str = "(z - latents_mean) / latents_std, as the diffusers pipeline"
+    """How `encode_video` normalises the VAE's latents, as the cache describes them."""
 
     def transformer_class(self) -> type[nn.Module]:
         import diffusers
@@ -199,21 +214,34 @@ class FamilyAdapter(ABC):
                              f"expected the latents' {tuple(latent_shape)}")
         return sample
 
+    def default_scheduler_config(self) -> dict:
+        """The scheduler config of the family's pipelines, for a pipeline folder that has none: a static shift."""
+        return {"shift": self.default_flow_shift}
+
     def flow_shift(self, scheduler_config: dict, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W), from the pipeline's scheduler config.
 
         A static shift, named `shift` (FlowMatchEulerDiscreteScheduler) or `flow_shift` (UniPC, DPM-Solver);
-        `default_flow_shift` when the pipeline has no scheduler config ({}). Families whose scheduler shifts with
-        the token count override this.
+        `default_scheduler_config()`'s when the pipeline has no scheduler config ({}). Families whose scheduler
+        shifts with the token count override this.
         """
+        scheduler_config = scheduler_config or self.default_scheduler_config()
         for key in ("shift", "flow_shift"):
             if key in scheduler_config:
                 return float(scheduler_config[key])
-        if scheduler_config:
-            raise UserError(f"the {self.name} pipeline's scheduler ({scheduler_config.get('_class_name')}) "
-                            "sets no flow shift (`shift` or `flow_shift`)", where="scheduler/scheduler_config.json",
-                            fix="pass --flow-shift")
-        return self.default_flow_shift
+        raise UserError(f"the {self.name} pipeline's scheduler ({scheduler_config.get('_class_name')}) "
+                        "sets no flow shift (`shift` or `flow_shift`)", where="scheduler/scheduler_config.json",
+                        fix="pass --flow-shift")
+
+    def flow_terminal(self, scheduler_config: dict) -> float:
+        """Sigma that the shifted schedule is stretched to end at (FlowMatchEulerDiscreteScheduler's
+        `shift_terminal`); 0 for none.
+
+        The scheduler stretches its N inference sigmas affinely so the last one lands there; the stretch of the
+        continuous schedule (N to infinity) maps sigma in (0, 1) to terminal + (1 - terminal) * sigma.
+        """
+        scheduler_config = scheduler_config or self.default_scheduler_config()
+        return float(scheduler_config.get("shift_terminal") or 0.0)
 
     @abstractmethod
     def text_embedding_dim(self, transformer: nn.Module) -> int:
@@ -236,6 +264,10 @@ class FamilyAdapter(ABC):
     def tiny_text_encoder_config(self, vocab_size: int) -> Any:
         """A transformers config of a tiny text encoder whose width matches the tiny transformer."""
 
+    def tiny_vae(self) -> nn.Module:
+        """A tiny VAE from `tiny_vae_config` (families whose VAE keeps statistics in buffers set them here)."""
+        return self.vae_class()(**self.tiny_vae_config()).eval()
+
     def tiny_text_components(self) -> dict[str, Any]:
         """The tiny pipeline's tokenizers and text encoders by subfolder (one pair unless the family has more)."""
         from crepa.tiny_models import tiny_tokenizer
@@ -245,10 +277,10 @@ class FamilyAdapter(ABC):
         return {"tokenizer": tokenizer, "text_encoder": encoder}
 
     def tiny_scheduler(self) -> Any:
-        """The scheduler a tiny pipeline is saved with: the family's, with its shift."""
+        """The scheduler a tiny pipeline is saved with: the family's, with its shift settings."""
         import diffusers
 
-        return diffusers.FlowMatchEulerDiscreteScheduler(shift=self.default_flow_shift)
+        return diffusers.FlowMatchEulerDiscreteScheduler(**self.default_scheduler_config())
 
     def hidden_dim(self, transformer: nn.Module) -> int:
         """Width D of the block outputs CREPA aligns."""

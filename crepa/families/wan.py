@@ -61,6 +61,7 @@ class WanAdapter(WanLatents, FamilyAdapter):
     default_text_max_length = 512
     default_flow_shift = 3.0
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_crepa_block = 8
 
     def encode_text(self, encoders: TextEncoders, captions: list[str],
                     max_length: int) -> list[dict[str, torch.Tensor]]:

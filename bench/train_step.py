@@ -173,7 +173,7 @@ class StepBench:
     def _parts(self, crepa: bool, block: int) -> StepParts:
         config = TrainConfig(crepa_enabled=crepa, crepa_block_index=block)
         return StepParts(self.adapter, self.transformer, self.projector, CrepaWeightSchedule(config.schedule_config()),
-                         config, {}, self.compression)
+                         config, {}, vae_compression=self.compression)
 
     @torch.no_grad()
     def online_teacher(self) -> torch.Tensor:

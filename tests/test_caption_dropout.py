@@ -67,7 +67,7 @@ def test_a_step_conditions_exactly_the_drawn_clips_on_the_cached_empty_prompt(tr
         for rate in (0.0, 0.5):
             cfg = train_config(trained_cache, tiny_models, str(tmp_path), crepa_enabled=False, caption_dropout=rate)
             parts = StepParts(adapter, transformer, None, CrepaWeightSchedule(cfg.schedule_config()), cfg, {},
-                              empty if rate else None)
+                              empty_text=empty if rate else None)
             with torch.no_grad():
                 train_step(parts, batch, 3, torch.device("cpu"))
     finally:

@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,11 @@ class StepParts:
     config: TrainConfig
     scheduler_config: dict
     """The pipeline's scheduler config, {} when it has none: the flow shift's source unless --flow-shift is given."""
-    sigma_range: tuple[float, float] | None = None
+    sigma_range: tuple[float, float] | None = field(default=None, kw_only=True)
     """Noise levels the transformer denoises in its pipeline (one expert of several); None: all of them."""
-    empty_text: Conditioning | None = None
+    empty_text: Conditioning | None = field(default=None, kw_only=True)
     """The cached empty prompt (one prompt) that replaces dropped captions; None without caption dropout."""
-    vae_compression: tuple[int, int] | None = None
+    vae_compression: tuple[int, int] | None = field(default=None, kw_only=True)
     """(temporal, spatial) compression of the pipeline's VAE (from its config), None when the folder has no VAE."""
 
     def shift(self, latent_shape: torch.Size) -> float:

@@ -19,6 +19,7 @@ from crepa.families.loading import config_file, load_config, load_pretrained
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
+from train.block_swap import swap_blocks
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
@@ -218,6 +219,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.blocks_to_swap:  # before `prepare` moves the model: the swapped weights never reach the device whole
+        swap_blocks(adapter, transformer, cfg.blocks_to_swap, device)
     transformer.train()
     projector = None
     if cfg.crepa_enabled:

@@ -15,10 +15,11 @@ from tqdm import tqdm
 from crepa.capture import BlockCapture
 from crepa.errors import UserError
 from crepa.families import FamilyAdapter, get_family
-from crepa.families.loading import config_file, load_config, load_pretrained
+from crepa.families.loading import config_file, load_config
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
+from train.base_loading import load_base
 from train.block_swap import swap_blocks
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
@@ -26,7 +27,7 @@ from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
 from train.metrics import MetricsLog, plot_curves
-from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.precision import enable_tf32, prepare_base
 
 
 @dataclass
@@ -206,8 +207,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     scheduler_config, shift_source = scheduler_settings(cfg, adapter)
 
     enable_tf32()
-    transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
-                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
+    transformer = load_base(adapter.transformer_class(), cfg.model, cfg.transformer, cfg.base_dtype)
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)

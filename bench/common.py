@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -96,9 +96,9 @@ def status_bytes(field: str) -> int:
 class TensorBytes(TorchDispatchMode):
     """Bytes of the tensors created inside the block that are alive, now (`current`) and at most (`peak`).
 
-    Counts every storage an operator returns, once, until it is freed; a torch allocator's view of memory that
-    works on any device, including fake tensors (whose sizes count though they hold no data). Tensors that existed
-    before the block are not counted.
+    Counts every storage an operator allocates (an output that aliases none of its inputs), once, until it is
+    freed; a torch allocator's view of memory that works on any device, including fake tensors (whose sizes count
+    though they hold no data). Tensors that existed before the block, and views of them, are not counted.
     """
 
     def __init__(self):
@@ -106,11 +106,11 @@ class TensorBytes(TorchDispatchMode):
         self._seen = WeakIdKeyDictionary()
         self.current = self.peak = 0
 
-    def _count(self, tensor: torch.Tensor) -> None:
+    def _count(self, tensor: torch.Tensor, inputs: set[int]) -> None:
         if tensor.is_meta:  # shapes without memory (a fake tensor is not meta: it stands for real memory)
             return
         storage = tensor.untyped_storage()
-        if storage in self._seen:
+        if storage._cdata in inputs or storage in self._seen:
             return
         size = storage.nbytes()
         self._seen[storage] = weakref.finalize(storage, self._free, size)
@@ -121,8 +121,11 @@ class TensorBytes(TorchDispatchMode):
         self.current -= size
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self._count, out)
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor, inputs)
         return out
 
 

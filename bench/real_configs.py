@@ -1,4 +1,5 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, LTX-Video 0.9, SANA-Video 2B,
+Kandinsky 5 T2V Lite, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -20,6 +21,32 @@ WAN_1_3B = dict(
 
 WAN_14B = WAN_1_3B | dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)
 """Wan-AI/Wan2.1-T2V-14B-Diffusers: 40 blocks of 40 heads x 128 (5120 wide), ffn 13824; the rest as 1.3B."""
+
+LTX_VIDEO = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
+)
+"""Lightricks/LTX-Video 0.9 (LTXVideoTransformer3DModel's defaults): 28 blocks of 32 heads x 64 (2048 wide), on the
+128-channel latents of its VAE (8x temporal, 32x spatial compression); T5-XXL text (4096 wide, 128 tokens)."""
+
+SANA_VIDEO_2B = dict(
+    in_channels=16, out_channels=16, num_attention_heads=20, attention_head_dim=112, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=2.5, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
+)
+"""Efficient-Large-Model/SANA-Video_2B_480p (SanaVideoTransformer3DModel's defaults): 20 blocks of 20 heads x 112
+(2240 wide) with linear self-attention and a convolutional feed-forward, on the Wan VAE's 16-channel latents;
+Gemma 2 text (2304 wide, 300 tokens)."""
+
+KANDINSKY5_T2V_LITE = dict(
+    in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512, patch_size=(1, 2, 2),
+    model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32, axes_dims=(16, 24, 24), visual_cond=True,
+)
+"""kandinskylab Kandinsky 5.0 T2V Lite 5s (the dit_params of its configs/config_5s_sft.yaml; diffusers' defaults are
+another size): 32 visual blocks 1792 wide (28 heads x 64), feed-forward 7168, 2 text blocks, on the 16-channel
+latents of the HunyuanVideo VAE (4x temporal, 8x spatial) with a conditioning copy and mask (visual_cond: 33 input
+channels); Qwen2.5-VL text (3584 wide, up to 256 tokens) and a CLIP-L pooled vector (768)."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),

@@ -63,7 +63,8 @@ class Fp8Linear(nn.Linear):
         weight = linear.weight.detach()
         absmax = weight.abs().amax().float()
         scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-        self.weight = nn.Parameter(weight.float().div_(scale).to(FP8), requires_grad=False)  # one fp32 copy
+        scaled = weight.to(torch.float32, copy=True).div_(scale)  # one fp32 copy, never the caller's weight
+        self.weight = nn.Parameter(scaled.to(FP8), requires_grad=False)
         self.register_buffer("weight_scale", scale)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)

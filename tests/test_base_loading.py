@@ -79,3 +79,22 @@ def test_other_dtypes_and_formats_load_through_from_pretrained(saved, tmp_path):
     adapter = get_family("wan")
     with pytest.raises(OSError, match="could not load the transformer"):
         load_base(adapter.transformer_class(), str(tmp_path / "missing"), None, "fp8")
+
+
+def test_fp8_base_loaded_by_layer_can_be_wrapped_for_data_parallel_training(saved):
+    """DDP broadcasts module states at start and gloo has no fp8: the layers quantised while loading, now inside
+    LoRA layers, must be on the model's ignore list under their final names."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from train.lora import add_lora
+
+    model = load_base(WanTransformer3DModel, saved, None, "fp8")
+    add_lora(model, 4, 4, 0.0, list(get_family("wan").default_lora_targets))
+    prepare_base(model, "fp8")
+    assert "blocks.0.attn1.to_q.base_layer.weight" in model._ddp_params_and_buffers_to_ignore
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        DistributedDataParallel(model)
+    finally:
+        dist.destroy_process_group()

@@ -6,9 +6,9 @@ compute in it. fp8 stores each frozen `nn.Linear` weight as float8_e4m3fn with o
 tensor (absmax / 448 of its bf16 cast, so no weight saturates) and upcasts it to bf16 inside that
 layer's forward and backward: the model is held at about a quarter of its fp32 size and only one
 layer's bf16 copy exists at a time, while loading too (train/base_loading.py quantises each layer as
-it is read). Layers the model asks diffusers' layerwise
-casting to skip (`_skip_layerwise_casting_patterns`: Wan's patch and condition embedders and
-norms) and its fp32 modules are left as loaded. Trainable weights (LoRA, projector) are never touched.
+it is read). Layers the model asks diffusers' layerwise casting to skip
+(`_skip_layerwise_casting_patterns`: Wan's patch and condition embedders and norms) and its fp32
+modules are left as loaded. Trainable weights (LoRA, projector) are never touched.
 """
 
 from __future__ import annotations

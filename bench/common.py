@@ -15,10 +15,14 @@ import shlex
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "zarr", "numcodecs", "webdataset",
@@ -87,6 +91,42 @@ def status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith(field + ":"))
     return int(line.split()[1]) * 1024  # kB
+
+
+class TensorBytes(TorchDispatchMode):
+    """Bytes of the tensors created inside the block that are alive, now (`current`) and at most (`peak`).
+
+    Counts every storage an operator allocates (an output that aliases none of its inputs), once, until it is
+    freed; a torch allocator's view of memory that works on any device, including fake tensors (whose sizes count
+    though they hold no data). Tensors that existed before the block, and views of them, are not counted.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._seen = WeakIdKeyDictionary()
+        self.current = self.peak = 0
+
+    def _count(self, tensor: torch.Tensor, inputs: set[int]) -> None:
+        if tensor.is_meta:  # shapes without memory (a fake tensor is not meta: it stands for real memory)
+            return
+        storage = tensor.untyped_storage()
+        if storage._cdata in inputs or storage in self._seen:
+            return
+        size = storage.nbytes()
+        self._seen[storage] = weakref.finalize(storage, self._free, size)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, size: int) -> None:
+        self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor, inputs)
+        return out
 
 
 def median(values: list[float]) -> float:

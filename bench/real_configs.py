@@ -1,5 +1,5 @@
 """The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, LTX-Video 0.9 2B
-and its VAE, SANA-Video 2B, DINOv2, UMT5-XXL.
+and its VAE, SANA-Video 2B, Kandinsky 5 T2V Lite, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -39,6 +39,15 @@ LTX_VIDEO_2B = dict(
 )
 """diffusers' transformer/config.json of Lightricks/LTX-Video (0.9.0, 2B): 28 blocks of 32 heads x 64, 128 latent
 channels in and out, T5-XXL captions (4096) projected to 2048; also LTXVideoTransformer3DModel's defaults."""
+
+KANDINSKY5_T2V_LITE = dict(
+    in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512, patch_size=(1, 2, 2),
+    model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32, axes_dims=(16, 24, 24), visual_cond=True,
+)
+"""kandinskylab Kandinsky 5.0 T2V Lite 5s (the dit_params of its configs/config_5s_sft.yaml; diffusers' defaults are
+another size): 32 visual blocks 1792 wide (28 heads x 64), feed-forward 7168, 2 text blocks, on the 16-channel
+latents of the HunyuanVideo VAE (4x temporal, 8x spatial) with a conditioning copy and mask (visual_cond: 33 input
+channels); Qwen2.5-VL text (3584 wide, up to 256 tokens) and a CLIP-L pooled vector (768)."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),

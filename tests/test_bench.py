@@ -38,3 +38,16 @@ def test_storage_benchmark_measures_every_dtype_and_codec():
     for dtype in ("float32", "float16", "bfloat16", "int8"):
         assert f"| {dtype} |" in out
     assert "Codecs against none" in out and "Against the fp32 teacher" in out
+
+
+def test_memory_benchmark_predicts_every_setting_and_checks_against_a_real_step():
+    out = run_bench("bench.memory", "--scale", "tiny")
+    for base in ("bf16", "fp8"):
+        assert f"| tiny Wan | {base} |" in out
+    assert "| 3 / 3 |" in out and re.search(r"\| tiny Wan \| [\d,]+ \| [\d,]+ \| [\d,]+ \| [+-][\d.]+% \|", out)
+
+
+def test_load_memory_benchmark_loads_every_variant():
+    out = run_bench("bench.load_memory", "--scale", "tiny", "--rounds", "1")
+    for variant in ("bf16: from_pretrained", "fp8 before:", "fp8 now: load_base"):
+        assert f"| {variant}" in out

@@ -135,6 +135,9 @@ class TrainConfig:
     """no, bf16, fp16."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward to save memory."""
+    blocks_to_swap: int = field(default=0, metadata={"min": 0})
+    """Keep the frozen weights of the last N transformer blocks in host memory and stream each to the GPU ahead of
+    use (turns gradient checkpointing on; 0: none)."""
     seed: int = field(default=0, metadata={"min": 0})
     """Seed of data order, noise and timesteps."""
     timestep_sampling: str = field(default="logit_normal", metadata={"choices": TIMESTEP_SAMPLING})
@@ -201,6 +204,9 @@ class TrainConfig:
         if self.full and self.base_dtype != "fp32":
             raise UserError(f"--full trains the base weights, which need fp32 master copies: use --base-dtype fp32 "
                              f"(with --mixed-precision bf16 for bf16 compute), not {self.base_dtype}")
+        if self.full and self.blocks_to_swap:
+            raise UserError("--blocks-to-swap streams the frozen base weights, and a --full run trains them",
+                            fix="drop --blocks-to-swap or --full")
         if self.full and self.comfyui_export:
             raise UserError("--comfyui-export writes a LoRA, and a --full run trains the whole transformer (saved "
                              "under transformer/); drop --comfyui-export or --full")

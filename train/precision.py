@@ -2,12 +2,13 @@
 
 bf16, fp16 and fp32 load the checkpoint straight in that dtype (diffusers keeps the model's
 `_keep_in_fp32_modules`, e.g. Wan's norms, time embedder and `scale_shift_table`, in fp32) and
-compute in it. fp8 loads in bf16, then stores each frozen `nn.Linear` weight as float8_e4m3fn
-with one fp32 scale per tensor (absmax / 448, so no weight saturates) and upcasts it to bf16
-inside that layer's forward and backward: the model is held at about a quarter of its fp32 size
-and only one layer's bf16 copy exists at a time. Layers the model asks diffusers' layerwise
-casting to skip (`_skip_layerwise_casting_patterns`: Wan's patch and condition embedders and
-norms) and its fp32 modules are left as loaded. Trainable weights (LoRA, projector) are never touched.
+compute in it. fp8 stores each frozen `nn.Linear` weight as float8_e4m3fn with one fp32 scale per
+tensor (absmax / 448 of its bf16 cast, so no weight saturates) and upcasts it to bf16 inside that
+layer's forward and backward: the model is held at about a quarter of its fp32 size and only one
+layer's bf16 copy exists at a time, while loading too (train/base_loading.py quantises each layer as
+it is read). Layers the model asks diffusers' layerwise casting to skip
+(`_skip_layerwise_casting_patterns`: Wan's patch and condition embedders and norms) and its fp32
+modules are left as loaded. Trainable weights (LoRA, projector) are never touched.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Fp8Linear(nn.Linear):
         weight = linear.weight.detach()
         absmax = weight.abs().amax().float()
         scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
-        self.weight = nn.Parameter((weight.float() / scale).to(FP8), requires_grad=False)
+        scaled = weight.to(torch.float32, copy=True).div_(scale)  # one fp32 copy, never the caller's weight
+        self.weight = nn.Parameter(scaled.to(FP8), requires_grad=False)
         self.register_buffer("weight_scale", scale)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
@@ -79,23 +81,28 @@ def _skipped(model: nn.Module, name: str) -> bool:
     return any(re.search(pattern, name) for pattern in patterns)
 
 
+def fp8_layers(model: nn.Module) -> list[str]:
+    """Names of the plain `nn.Linear` layers fp8 stores: all outside the model's skip patterns."""
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear and not _skipped(model, name)]
+
+
 def quantize_fp8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Replace every frozen `nn.Linear` outside the model's skip patterns by an `Fp8Linear`, one at a time.
+    """Replace every frozen layer of `fp8_layers` by an `Fp8Linear`, one at a time.
 
     Call it after freezing (and after adding LoRA, whose trainable layers it leaves alone), so the
     peak is the loaded bf16 model plus one layer. Returns how many layers were quantised.
     """
-    names = [name for name, module in model.named_modules()
-             if type(module) is nn.Linear and not _skipped(model, name)
-             and not any(p.requires_grad for p in module.parameters())]
+    names = [name for name in fp8_layers(model)
+             if not any(p.requires_grad for p in model.get_submodule(name).parameters())]
     for name in names:  # names, not modules: each bf16 layer is freed as soon as it is replaced
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Fp8Linear(getattr(parent, child), compute_dtype))
     # DDP broadcasts every parameter at start and gloo has no fp8; frozen weights read from the same
-    # checkpoint on every rank need no broadcast
+    # checkpoint on every rank need no broadcast (also those `load_base` quantised while loading)
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{name}.weight" for name in names})
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | {f"{name}.weight" for name, module in
+                                                                model.named_modules() if isinstance(module, Fp8Linear)})
     return len(names)
 
 

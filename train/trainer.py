@@ -16,11 +16,13 @@ from tqdm import tqdm
 from crepa.capture import BlockCapture
 from crepa.errors import UserError
 from crepa.families import Conditioning, FamilyAdapter, get_family
-from crepa.families.loading import config_file, load_config, load_pretrained
+from crepa.families.loading import config_file, load_config
 from crepa.loss import crepa_loss, crepa_scores
 from crepa.projector import CrepaProjector
 from crepa.prompts import EMPTY_PROMPT
 from crepa.schedule import CrepaWeightSchedule
+from train.base_loading import load_base
+from train.block_swap import swap_blocks
 from train.caption_dropout import drop_captions, dropped_captions
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
@@ -30,7 +32,7 @@ from train.flow_matching import TimestepSampling, describe_timesteps, noisy_inpu
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, check_comfyui_family, save_lora
 from train.metrics import MetricsLog, plot_curves, tracker_options
-from train.precision import LOAD_DTYPE, enable_tf32, prepare_base
+from train.precision import enable_tf32, prepare_base
 from train.sharding import full_tensor, prepare_models, save_full_model, use_fsdp
 from train.validation import Validation
 
@@ -271,7 +273,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     validation = Validation.build(cfg, adapter, data, stages) if cfg.validation_prompts else None
 
     enable_tf32()
-    built = [_trainable_denoiser(cfg, adapter, data, stage) for stage in stages]
+    built = [_trainable_denoiser(cfg, adapter, data, stage, device) for stage in stages]
 
     steps_per_epoch = max(1, data.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or steps_per_epoch * cfg.num_train_epochs
@@ -361,12 +363,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainData,
-                        stage: Stage) -> tuple[nn.Module, nn.Module | None]:
+def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainData, stage: Stage,
+                        device: torch.device) -> tuple[nn.Module, nn.Module | None]:
     """The pipeline's transformer of `stage`, checked against the cache, made trainable; and its CREPA projector."""
     override = cfg.transformer if stage.component == PRIMARY else None
-    transformer = load_pretrained(adapter.transformer_class(), cfg.model, stage.component, override,
-                                  torch_dtype=LOAD_DTYPE[cfg.base_dtype])
+    transformer = load_base(adapter.transformer_class(), cfg.model, stage.component, override, cfg.base_dtype)
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)
@@ -378,6 +379,8 @@ def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainDat
     prepare_base(transformer, cfg.base_dtype)  # after freezing: fp8 quantises only frozen layers
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.blocks_to_swap:  # before `prepare` moves the model: the swapped weights never reach the device whole
+        swap_blocks(adapter, transformer, cfg.blocks_to_swap, device)
     transformer.train()
     projector = None
     if cfg.crepa_enabled:

@@ -73,5 +73,6 @@ if __name__ == "__main__":
     try:
         check("no")
         check("bf16")
+        dist.barrier()  # every collective of both checks has finished on both processes before gloo shuts down
     finally:
         dist.destroy_process_group()

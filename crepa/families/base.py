@@ -7,6 +7,7 @@ lives behind these verbs, one module per family.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any
@@ -62,6 +63,18 @@ class Conditioning:
         """The conditioning of a collated batch (train.data.collate), on `device`."""
         arrays = {f.name: batch[f.name].to(device) for f in fields(cls) if isinstance(batch.get(f.name), torch.Tensor)}
         return cls(**arrays, vae_compression=vae_compression)
+
+
+def comfyui_names(model: nn.Module, table: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """`diffusion_model.<name>` ComfyUI gives each module of `model` whose full name matches a (pattern, replacement)
+    row of `table`: the families' `comfyui_modules` differ only in their tables."""
+    names = {}
+    for name, _ in model.named_modules():
+        for ours, theirs in table:
+            match = re.fullmatch(ours, name)
+            if match:
+                names[name] = "diffusion_model." + match.expand(theirs)
+    return names
 
 
 def spatial_patch(transformer_config: dict) -> int:

@@ -10,14 +10,13 @@ transformer gets instead; and the scheduler shifts sigmas by the token count, th
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from crepa.errors import UserError
-from crepa.families.base import Conditioning, FamilyAdapter, TextEncoders
+from crepa.families.base import Conditioning, FamilyAdapter, TextEncoders, comfyui_names
 
 SCHEDULER_CONFIG = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
                         max_image_seq_len=4096, shift_terminal=0.1)
@@ -164,13 +163,7 @@ class LTXVideoAdapter(FamilyAdapter):
         return frames // config.patch_size_t, height // config.patch_size, width // config.patch_size
 
     def comfyui_modules(self, transformer: nn.Module) -> dict[str, str]:
-        names = {}
-        for name, _ in self.unwrap(transformer).named_modules():
-            for ours, theirs in _COMFYUI_MODULES:
-                match = re.fullmatch(ours, name)
-                if match:
-                    names[name] = "diffusion_model." + match.expand(theirs)
-        return names
+        return comfyui_names(self.unwrap(transformer), _COMFYUI_MODULES)
 
     def tiny_transformer_config(self) -> dict:
         return dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,

@@ -9,14 +9,20 @@ transformer and VAE configs. Wan 2.2 TI2V-5B generating from text is a text-to-v
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from crepa.errors import UserError
-from crepa.families.base import Conditioning, FamilyAdapter, ImageConditioning, ImageEncoders, TextEncoders
+from crepa.families.base import (
+    Conditioning,
+    FamilyAdapter,
+    ImageConditioning,
+    ImageEncoders,
+    TextEncoders,
+    comfyui_names,
+)
 from crepa.families.wan_latents import WanLatents
 
 # diffusers module (a full-name pattern) -> the module of ComfyUI's native Wan model (comfy/ldm/wan/model.py).
@@ -134,14 +140,7 @@ class WanAdapter(WanLatents, FamilyAdapter):
 
     def comfyui_modules(self, transformer: nn.Module) -> dict[str, str]:
         model = self.unwrap(transformer)
-        table = _COMFYUI_MODULES + (_COMFYUI_IMAGE_MODULES if model.config.image_dim else ())
-        names = {}
-        for name, _ in model.named_modules():
-            for ours, theirs in table:
-                match = re.fullmatch(ours, name)
-                if match:
-                    names[name] = "diffusion_model." + match.expand(theirs)
-        return names
+        return comfyui_names(model, _COMFYUI_MODULES + (_COMFYUI_IMAGE_MODULES if model.config.image_dim else ()))
 
     def tiny_transformer_config(self) -> dict:
         return dict(

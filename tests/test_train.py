@@ -41,6 +41,10 @@ def run_two_processes(*args: str, timeout: float = 300) -> subprocess.CompletedP
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([*TWO_PROCESSES, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if "terminate called without an active exception" in done.stderr:
+        # gloo on an overloaded CPU now and then aborts a rank from inside its own threads (SIGABRT, no Python
+        # error); that run says nothing about the code under test, so it runs once more and must pass then
+        done = subprocess.run([*TWO_PROCESSES, *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

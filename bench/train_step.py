@@ -164,7 +164,7 @@ def flop_counts(preset: Preset, lora_rank: int) -> dict[str, float]:
         transformer.train()
         latents = torch.randn(1, 16, latent_frames, preset.height // 8, preset.width // 8)
         text = Conditioning(torch.randn(1, TEXT_TOKENS, TEXT_DIM), torch.ones(1, TEXT_TOKENS, dtype=torch.bool))
-        kwargs = adapter.transformer_kwargs(latents, torch.ones(1), text)
+        kwargs = adapter.transformer_kwargs(transformer, latents, torch.ones(1), text)
         with FlopCounterMode(display=False) as counter:
             adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()
         counts["a"] = counter.get_total_flops()

@@ -21,6 +21,7 @@ from crepa.projector import CrepaProjector
 from crepa.schedule import CrepaWeightSchedule
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
+from train.data import split_by_text_length
 from train.flow_matching import noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
 from train.lora import add_lora, check_comfyui_export, save_lora
@@ -75,6 +76,29 @@ class TrainState:
                 "crepa_schedule": self.schedule.state_dict()}
 
 
+def forward_runs(adapter: FamilyAdapter, batch: dict) -> tuple[dict, list[tuple[slice, int | None]]]:
+    """(the batch, its forwards as (rows, text tokens)): one forward of all rows with the padded text, or for a family
+    whose text cannot be padded one per caption length, the batch sorted by it (`split_by_text_length`)."""
+    if adapter.text_padding:
+        return batch, [(slice(None), None)]
+    return split_by_text_length(batch)
+
+
+def denoise(parts: StepParts, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+            runs: list[tuple[slice, int | None]]) -> torch.Tensor:
+    """The transformer's (B, C, F, H, W) prediction for a batch: one forward per (rows, text tokens) in `runs`.
+
+    A family whose text cannot be padded runs each caption length apart (`forward_runs`), its text cut to that
+    length: every clip is denoised seeing its own caption's tokens only, as its pipeline denoises it.
+    """
+    predictions = []
+    for rows, tokens in runs:
+        kwargs = parts.adapter.transformer_kwargs(parts.transformer, noisy[rows], timesteps[rows],
+                                                  conditioning.select(rows, tokens))
+        predictions.append(parts.adapter.prediction(parts.transformer(**kwargs), noisy[rows].shape))
+    return predictions[0] if len(predictions) == 1 else torch.cat(predictions)
+
+
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
 
@@ -82,6 +106,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
     """
     cfg = parts.config
+    batch, runs = forward_runs(parts.adapter, batch)  # both losses are means over clips: their order does not matter
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
     shift = parts.shift(latents.shape)
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
@@ -89,19 +114,18 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, cfg.timestep_sampling,
                                  shift, cfg.logit_mean, cfg.logit_std, device)
     noisy, target = noisy_input(latents, noise, sigmas)
-    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas),
-                                              Conditioning.from_batch(batch, device))
+    timesteps, conditioning = timesteps_from_sigmas(sigmas), Conditioning.from_batch(batch, device)
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": shift}
     if not measure:  # no hook, no projector, no scores: a zero weight costs nothing
-        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
+        prediction = denoise(parts, noisy, timesteps, conditioning, runs)
         loss = flow = F.mse_loss(prediction.float(), target.float())
         return loss, {**metrics, "loss_flow": flow.detach()}
 
     teacher_block = cfg.crepa_teacher_block_index if cfg.crepa_use_backbone_features else None
     with BlockCapture(parts.adapter, parts.transformer, cfg.crepa_block_index, teacher_block) as capture:
-        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
+        prediction = denoise(parts, noisy, timesteps, conditioning, runs)
         student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
         teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
     flow = F.mse_loss(prediction.float(), target.float())
@@ -121,7 +145,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
 def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: TrainData, cfg: TrainConfig) -> None:
     """Everything about the cache that could fail mid-run is checked before step 0."""
     model = adapter.unwrap(transformer)
-    channels = model.config.in_channels
+    channels = adapter.latent_channels(model)
     if data.latent_channels != channels:
         raise UserError(f"cache latents have {data.latent_channels} channels but the {adapter.name} transformer "
                          f"takes {channels}: the cache was made with another VAE; precompute it with this model")
@@ -207,6 +231,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     enable_tf32()
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
                                   torch_dtype=LOAD_DTYPE[cfg.base_dtype])
+    if adapter.attention_backend(transformer):
+        transformer.set_attention_backend(adapter.attention_backend(transformer))
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)

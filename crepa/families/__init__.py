@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from crepa.errors import UserError
 from crepa.families.base import Conditioning, FamilyAdapter
+from crepa.families.kandinsky5_video import Kandinsky5VideoAdapter
 from crepa.families.wan import WanAdapter
 
 _ADAPTERS: dict[str, type[FamilyAdapter]] = {
     WanAdapter.name: WanAdapter,
+    Kandinsky5VideoAdapter.name: Kandinsky5VideoAdapter,
 }
 SUPPORTED_FAMILIES = tuple(_ADAPTERS)
 

@@ -1,4 +1,5 @@
-"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL.
+"""The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, DINOv2, UMT5-XXL,
+Kandinsky 5 T2V Lite and Pro with the HunyuanVideo VAE.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -70,3 +71,33 @@ def umt5_encoder(layers: int | None = None, vocab_size: int | None = None):
 
     config = UMT5_XXL | ({"num_layers": layers} if layers else {}) | ({"vocab_size": vocab_size} if vocab_size else {})
     return UMT5EncoderModel(UMT5Config(**config)).eval()
+
+
+KANDINSKY5_T2V_LITE = dict(
+    in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768, time_dim=512, patch_size=(1, 2, 2),
+    model_dim=1792, ff_dim=7168, num_text_blocks=2, num_visual_blocks=32, axes_dims=(16, 24, 24), visual_cond=True,
+)
+"""Kandinsky 5.0 T2V Lite (2B), 5 s checkpoints (kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers): 32 visual
+blocks of 28 heads x 64 (1792 wide), ff 7168, 2 text blocks; the 10 s checkpoints add sparse (nabla) attention,
+P 0.9, wT 11, wH 3, wW 3."""
+
+KANDINSKY5_T2V_PRO = KANDINSKY5_T2V_LITE | dict(time_dim=1024, model_dim=4096, ff_dim=16384, num_text_blocks=4,
+                                                num_visual_blocks=60, axes_dims=(32, 48, 48))
+"""Kandinsky 5.0 T2V Pro (19B): 60 visual blocks of 32 heads x 128 (4096 wide), ff 16384, 4 text blocks."""
+
+
+def kandinsky5_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32,
+                           config: dict = KANDINSKY5_T2V_LITE):
+    """`layers` cuts the visual blocks (CREPA's); the text blocks stay."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    config = config | ({"num_visual_blocks": layers} if layers else {})
+    model = Kandinsky5Transformer3DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def hunyuan_vae(dtype: torch.dtype = torch.float32):
+    """AutoencoderKLHunyuanVideo's defaults are the HunyuanVideo VAE Kandinsky 5 uses (16 latent channels, 4x / 8x)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo().to(dtype).eval().requires_grad_(False)

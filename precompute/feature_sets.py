@@ -89,7 +89,7 @@ def open_feature_sets(
         "channels": vae_config.get("z_dim", vae_config.get("latent_channels")),
         "temporal_compression": temporal,
         "spatial_compression": spatial,
-        "normalisation": "(z - latents_mean) / latents_std, as the diffusers pipeline",
+        "normalisation": adapter.latents_normalisation,
         "dtype": config.latents_dtype,
     })
     text = feature_set("text", text_identity(adapter, config, dtypes["text_encoder"], max_length), {

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from safetensors.torch import load_file
 from test_comfyui import comfyui_patches
 from torch import nn
@@ -92,8 +93,9 @@ def test_captured_block_output_is_what_the_model_unflattens(sparse):
     """The last block's output as CREPA reads it equals the (B, F, hs, ws, D) the model hands its output layer."""
     adapter = get_family(FAMILY)
     transformer = tiny(sparse)
-    if adapter.attention_backend(transformer):
-        transformer.set_attention_backend(adapter.attention_backend(transformer))
+    default = _AttentionBackendRegistry.get_active_backend()[0]
+    adapter.set_attention_backend(transformer)
+    assert _AttentionBackendRegistry.get_active_backend()[0] == default, "other models keep the default backend"
     latents = torch.randn(1, 4, 2, 16, 32)  # token grid 2 x 8 x 16: the 64-token blocks sparse attention needs
     unflattened = []
     hook = transformer.out_layer.register_forward_pre_hook(lambda module, args: unflattened.append(args[0]))

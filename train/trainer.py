@@ -231,8 +231,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     enable_tf32()
     transformer = load_pretrained(adapter.transformer_class(), cfg.model, "transformer", cfg.transformer,
                                   torch_dtype=LOAD_DTYPE[cfg.base_dtype])
-    if adapter.attention_backend(transformer):
-        transformer.set_attention_backend(adapter.attention_backend(transformer))
+    adapter.set_attention_backend(transformer)
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)

@@ -60,6 +60,8 @@ class FamilyAdapter(ABC):
     """Attribute of the transformer that holds its `nn.ModuleList` of blocks."""
     vae_class_name: str
     """diffusers class of the VAE."""
+    latents_normalisation: str
+    """How `encode_video` normalises latents (recorded in the cache's attributes)."""
     text_encoder_classes: dict[str, str]
     """transformers class of each text encoder, by pipeline subfolder (`text_encoder`, `text_encoder_2`); each
     one's tokenizer is in the matching `tokenizer`, `tokenizer_2` subfolder."""
@@ -108,6 +110,18 @@ class FamilyAdapter(ABC):
         """The diffusers attention backend the transformer's config needs (`set_attention_backend`), None for the
         default one."""
         return None
+
+    def set_attention_backend(self, transformer: nn.Module) -> None:
+        """Give this transformer's attention the backend its config needs, leaving other models' alone.
+
+        diffusers' `set_attention_backend` also changes the process-wide default; the context restores it.
+        """
+        from diffusers.models.attention_dispatch import attention_backend
+
+        backend = self.attention_backend(transformer)
+        if backend:
+            with attention_backend(backend):
+                self.unwrap(transformer).set_attention_backend(backend)
 
     def vae_class(self) -> type[nn.Module]:
         import diffusers

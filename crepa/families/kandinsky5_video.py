@@ -56,6 +56,7 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
     transformer_class_name = "Kandinsky5Transformer3DModel"
     block_list_attr = "visual_transformer_blocks"
     vae_class_name = "AutoencoderKLHunyuanVideo"
+    latents_normalisation = "z * scaling_factor (the VAE config's), which the pipeline divides out before vae.decode"
     text_encoder_classes = {"text_encoder": "Qwen2_5_VLForConditionalGeneration", "text_encoder_2": "CLIPTextModel"}
     pipeline_class_name = "Kandinsky5T2VPipeline"
     default_text_max_length = 512  # Kandinsky5T2VPipeline.__call__'s max_sequence_length
@@ -164,12 +165,8 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
                     axes_dims=(4, 2, 2), visual_cond=True)
 
     def tiny_transformer(self) -> nn.Module:
-        """Modulation layers start at zero, which makes every block the identity: randomise them."""
         transformer = super().tiny_transformer()
-        for name, module in transformer.named_modules():
-            if re.search(r"modulation$", name):
-                nn.init.normal_(module.out_layer.weight, std=0.3)
-                nn.init.normal_(module.out_layer.bias, std=0.3)
+        randomise_modulation(transformer, std=0.3)
         return transformer
 
     def tiny_vae_config(self) -> dict:
@@ -178,8 +175,10 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
     def tiny_text_encoder_config(self, vocab_size: int) -> Any:
         from transformers import Qwen2_5_VLConfig
 
+        # the tiny tokenizer's last ids are <|endoftext|>, <|im_start|>, <|im_end|>, as Qwen's bos and eos
         text = dict(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                    bos_token_id=vocab_size - 3, eos_token_id=vocab_size - 1,
                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]})
         vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
                       fullatt_block_indexes=[0])
@@ -196,8 +195,21 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
                                      num_attention_heads=2, max_position_embeddings=77,
                                      bos_token_id=clip.bos_token_id, eos_token_id=clip.eos_token_id,
                                      pad_token_id=clip.pad_token_id)
-        return {"tokenizer": qwen, "text_encoder": self.text_encoder_class()(self.tiny_text_encoder_config(len(qwen))),
-                "tokenizer_2": clip, "text_encoder_2": CLIPTextModel(clip_config).eval()}
+        qwen_encoder = self.text_encoder_class()(self.tiny_text_encoder_config(len(qwen))).eval()
+        return {"tokenizer": qwen, "text_encoder": qwen_encoder, "tokenizer_2": clip,
+                "text_encoder_2": CLIPTextModel(clip_config).eval()}
+
+
+def randomise_modulation(transformer: nn.Module, std: float) -> None:
+    """Draw every modulation layer's weight and bias from N(0, std).
+
+    diffusers initialises them to zero, which makes every block the identity (its gates are zero): a random model
+    would then ignore its text and time entirely.
+    """
+    for name, module in transformer.named_modules():
+        if name.endswith("modulation"):
+            nn.init.normal_(module.out_layer.weight, std=std)
+            nn.init.normal_(module.out_layer.bias, std=std)
 
 
 def text_pipeline_template() -> str:

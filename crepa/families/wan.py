@@ -57,6 +57,7 @@ class WanAdapter(FamilyAdapter):
     transformer_class_name = "WanTransformer3DModel"
     block_list_attr = "blocks"
     vae_class_name = "AutoencoderKLWan"
+    latents_normalisation = "(z - latents_mean) / latents_std, as the diffusers pipeline"
     text_encoder_classes = {"text_encoder": "UMT5EncoderModel"}
     pipeline_class_name = "WanPipeline"
     default_text_max_length = 512

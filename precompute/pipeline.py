@@ -127,10 +127,10 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     # Configs only: the plan is made before any weights are loaded.
     vae_config = load_config(adapter.vae_class(), config.model, "vae", config.vae)
     temporal, spatial = adapter.vae_compression(vae_config)
-    patch = _transformer_patch(adapter, config)
+    side_multiple = spatial * _transformer_grid_step(adapter, config)
     dataset_file = load_dataset_config(config.dataset_config, temporal)
     for dataset in dataset_file.datasets:
-        check_bucket_sizes(dataset, spatial * patch, config.dataset_config)
+        check_bucket_sizes(dataset, side_multiple, config.dataset_config)
     encoder_config = None if config.skip_teacher else _encoder_config(config)
     max_length = config.text_max_length or adapter.default_text_max_length
 
@@ -222,13 +222,16 @@ def _write_plan(store: CacheStore, dataset_config: str, header: dict, clips: lis
             store.remove_plan(other)
 
 
-def _transformer_patch(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:
-    """Spatial patch of the family's DiT, read from its config when the pipeline folder has one."""
+def _transformer_grid_step(adapter: FamilyAdapter, config: PrecomputeConfig) -> int:
+    """Latent pixels a bucket's sides must be a multiple of: the DiT's spatial patch times what its attention needs
+    of the token grid, read from its config when the pipeline folder has one."""
     try:
-        patch = load_config(adapter.transformer_class(), config.model, "transformer").get("patch_size", 1)
+        transformer_config = load_config(adapter.transformer_class(), config.model, "transformer")
     except OSError:
         return 1
-    return int(patch[-1] if isinstance(patch, list | tuple) else patch)
+    patch = transformer_config.get("patch_size", 1)
+    patch = int(patch[-1] if isinstance(patch, list | tuple) else patch)
+    return patch * adapter.token_multiple(transformer_config)
 
 
 def _encoder_config(config: PrecomputeConfig) -> dict:

@@ -209,3 +209,28 @@ def test_comfyui_export_of_every_layer_follows_comfyuis_kandinsky5_rules(tmp_pat
     assert sorted(patches) == sorted(native) == sorted(layers), "ComfyUI's layers are diffusers' layers, by name"
     for name, patch in patches.items():
         torch.testing.assert_close(patch, layers[name].get_delta_weight("default"), rtol=1e-4, atol=1e-6)
+
+
+def test_a_bucket_sparse_attention_cannot_tile_is_refused_before_models_load(tiny_pipelines, tmp_path):
+    import json
+    import shutil
+
+    from conftest import write_dataset
+
+    from precompute.config import PrecomputeConfig, TeacherSettings
+    from precompute.pipeline import run_precompute
+
+    model = str(tmp_path / "sparse")
+    shutil.copytree(tiny_pipelines(FAMILY), model)
+    config_path = os.path.join(model, "transformer", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump(config | NABLA, f)
+    # 64x48 pixels are 4x3 tokens: fine for dense attention, not for sparse attention's 8x8 token tiles
+    config = PrecomputeConfig(dataset_config=write_dataset(tmp_path, clips=1), family=FAMILY,
+                              out=str(tmp_path / "cache"), model=model, device="cpu", decode_workers=0,
+                              teacher=TeacherSettings(encoder="nowhere", image_size=56))
+    with pytest.raises(ValueError, match=r"resolution \[64, 48\] is not a multiple of 128"):
+        run_precompute(config)
+    assert not os.path.exists(tmp_path / "cache")

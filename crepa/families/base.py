@@ -123,6 +123,10 @@ class FamilyAdapter(ABC):
             with attention_backend(backend):
                 self.unwrap(transformer).set_attention_backend(backend)
 
+    def token_multiple(self, transformer_config: dict) -> int:
+        """What the token grid's sides must be a multiple of for the transformer's attention (1: anything)."""
+        return 1
+
     def vae_class(self) -> type[nn.Module]:
         import diffusers
 

@@ -70,7 +70,10 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
 
     def attention_backend(self, transformer: nn.Module) -> str | None:
         # nabla builds a flex-attention block mask; the default backend cannot take it
-        return "flex" if self.unwrap(transformer).config.attention_type == "nabla" else None
+        return "flex" if self.token_multiple(self.unwrap(transformer).config) > 1 else None
+
+    def token_multiple(self, transformer_config: dict) -> int:
+        return TILE if transformer_config.get("attention_type") == "nabla" else 1
 
     def vae_compression(self, vae_config: dict) -> tuple[int, int]:
         return int(vae_config["temporal_compression_ratio"]), int(vae_config["spatial_compression_ratio"])
@@ -143,7 +146,7 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
                        grid: tuple[int, int, int]) -> torch.Tensor:
         """Raster order, or in sparse (nabla) attention 8x8 tiles: token (t, h, w) sits at
         ((t * H/8 + h // 8) * W/8 + w // 8) * 64 + (h % 8) * 8 + w % 8."""
-        if self.unwrap(transformer).config.attention_type != "nabla":
+        if self.token_multiple(self.unwrap(transformer).config) == 1:
             return super().tokens_to_grid(transformer, tokens, grid)
         frames, height, width = grid
         batch, count, dim = tokens.shape

@@ -234,3 +234,17 @@ def test_a_bucket_sparse_attention_cannot_tile_is_refused_before_models_load(tin
     with pytest.raises(ValueError, match=r"resolution \[64, 48\] is not a multiple of 128"):
         run_precompute(config)
     assert not os.path.exists(tmp_path / "cache")
+
+
+def test_a_dropped_caption_runs_with_the_empty_prompts_length():
+    """Unpadded text: a clip whose caption dropout replaces by the empty prompt joins the forward of that prompt's
+    length, not its own caption's (whose cut would hand the transformer padding after the empty prompt)."""
+    from train.trainer import forward_runs
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    batch = {"keys": ["a", "b", "c"], "text_mask": mask, "latents": torch.arange(3.0)}
+    sorted_batch, runs = forward_runs(get_family(FAMILY), batch, ([False, False, True], 2))
+    assert sorted_batch["keys"] == ["c", "b", "a"]
+    assert [(rows.start, rows.stop, tokens) for rows, tokens in runs] == [(0, 1, 2), (1, 2, 3), (2, 3, 5)]
+    _, undropped = forward_runs(get_family(FAMILY), batch)
+    assert [tokens for _, tokens in undropped] == [3, 5]

@@ -63,11 +63,13 @@ def synchronize(device: torch.device | None) -> None:
 
 
 def time_alternating(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                     device: torch.device | None = None) -> dict[str, list[float]]:
+                     device: torch.device | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each variant, measured in interleaved rounds.
 
     Each round runs every variant once, starting from a different one each round, so no variant
-    always follows the same neighbour (caches, allocator state, frequency boosts).
+    always follows the same neighbour (caches, allocator state, frequency boosts). `clock` is wall
+    time by default; `time.process_time` with one torch thread counts a step's own work on a shared CPU.
     """
     names = list(variants)
     for _ in range(warmup):
@@ -78,10 +80,10 @@ def time_alternating(variants: dict[str, Callable[[], object]], rounds: int, war
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

@@ -1,5 +1,5 @@
 """The real architectures' configs (random weights): Wan 2.1 T2V 1.3B and 14B, the Wan 2.1 VAE, LTX-Video 0.9 2B
-and its VAE, SANA-Video 2B, Kandinsky 5 T2V Lite, DINOv2, UMT5-XXL.
+and its VAE, SANA-Video 2B, Kandinsky 5 T2V Lite and Pro with the HunyuanVideo VAE, DINOv2, UMT5-XXL.
 
 Timing does not depend on weight values, so these stand in for the released checkpoints.
 `layers` scales depth down for machines that cannot hold or run the full models; widths,
@@ -47,7 +47,8 @@ KANDINSKY5_T2V_LITE = dict(
 """kandinskylab Kandinsky 5.0 T2V Lite 5s (the dit_params of its configs/config_5s_sft.yaml; diffusers' defaults are
 another size): 32 visual blocks 1792 wide (28 heads x 64), feed-forward 7168, 2 text blocks, on the 16-channel
 latents of the HunyuanVideo VAE (4x temporal, 8x spatial) with a conditioning copy and mask (visual_cond: 33 input
-channels); Qwen2.5-VL text (3584 wide, up to 256 tokens) and a CLIP-L pooled vector (768)."""
+channels); Qwen2.5-VL text (3584 wide, up to 256 tokens) and a CLIP-L pooled vector (768). The 10 s checkpoints
+add sparse (nabla) attention, P 0.9, wT 11, wH 3, wW 3."""
 
 DINOV2 = {
     "dinov2_vits14": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
@@ -121,3 +122,25 @@ def umt5_encoder(layers: int | None = None, vocab_size: int | None = None):
 
     config = UMT5_XXL | ({"num_layers": layers} if layers else {}) | ({"vocab_size": vocab_size} if vocab_size else {})
     return UMT5EncoderModel(UMT5Config(**config)).eval()
+
+
+KANDINSKY5_T2V_PRO = KANDINSKY5_T2V_LITE | dict(time_dim=1024, model_dim=4096, ff_dim=16384, num_text_blocks=4,
+                                                num_visual_blocks=60, axes_dims=(32, 48, 48))
+"""Kandinsky 5.0 T2V Pro (19B): 60 visual blocks of 32 heads x 128 (4096 wide), ff 16384, 4 text blocks."""
+
+
+def kandinsky5_transformer(layers: int | None = None, dtype: torch.dtype = torch.float32,
+                           config: dict = KANDINSKY5_T2V_LITE):
+    """`layers` cuts the visual blocks (CREPA's); the text blocks stay."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    config = config | ({"num_visual_blocks": layers} if layers else {})
+    model = Kandinsky5Transformer3DModel(**config)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def hunyuan_vae(dtype: torch.dtype = torch.float32):
+    """AutoencoderKLHunyuanVideo's defaults are the HunyuanVideo VAE Kandinsky 5 uses (16 latent channels, 4x / 8x)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo().to(dtype).eval().requires_grad_(False)

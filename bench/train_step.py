@@ -226,9 +226,9 @@ def flop_counts(family: str, preset: Preset, lora_rank: int) -> dict[str, float]
         if preset.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
-        latents = torch.randn(latent_shape(adapter, real, preset, transformer.config.in_channels))
+        latents = torch.randn(latent_shape(adapter, real, preset, adapter.latent_channels(transformer)))
         text, mask = text_batch(adapter, transformer)
-        kwargs = adapter.transformer_kwargs(latents, torch.ones(1),
+        kwargs = adapter.transformer_kwargs(transformer, latents, torch.ones(1),
                                             Conditioning(text, mask, vae_compression=vae_compression(adapter, real)))
         with FlopCounterMode(display=False) as counter:
             adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()

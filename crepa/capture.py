@@ -13,9 +13,10 @@ class BlockCapture:
     """Forward hooks that keep block outputs, reshaped to (B, F, hs, ws, D).
 
     Use as a context manager around the transformer's forward and read `student` / `teacher`
-    inside it; on exit (even when the forward raises) the hooks are removed and the kept
-    outputs dropped. The student block keeps its autograd graph; the
-    optional teacher block (backbone mode) is detached.
+    inside it; a batch run as several forwards (one per group of clips) reads as the groups'
+    outputs concatenated in the order the forwards ran. On exit (even when the forward raises)
+    the hooks are removed and the kept outputs dropped. The student block keeps its autograd
+    graph; the optional teacher block (backbone mode) is detached.
     """
 
     def __init__(
@@ -37,12 +38,12 @@ class BlockCapture:
         self.transformer = transformer
         self.block_index = block_index
         self.teacher_block_index = teacher_block_index
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, list[torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, index: int):
         def keep(_module: nn.Module, _args: tuple, output: torch.Tensor | tuple) -> None:
-            self._outputs[index] = self.adapter.block_tokens(output)
+            self._outputs.setdefault(index, []).append(self.adapter.block_tokens(output))
 
         return keep
 
@@ -64,7 +65,9 @@ class BlockCapture:
         if index not in self._outputs:
             raise RuntimeError(f"block {index} did not run inside the capture; call the transformer within it")
         grid = self.adapter.token_grid(self.transformer, latent_shape)
-        return self.adapter.tokens_to_grid(self._outputs[index], grid)
+        outputs = self._outputs[index]
+        tokens = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return self.adapter.tokens_to_grid(self.transformer, tokens, grid)
 
     def student(self, latent_shape: torch.Size) -> torch.Tensor:
         """(B, F, hs, ws, D) output of `block_index`, with gradients."""

@@ -148,11 +148,14 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     vae_config = load_config(adapter.vae_class(), config.model, "vae", config.vae)
     temporal, spatial = adapter.vae_compression(vae_config)
     transformer_config = _transformer_config(adapter, config)
-    patch = spatial_patch(transformer_config or {})
+    # a bucket's sides tile into whole patches, and the token grid into what the transformer's attention needs
+    side_multiple = spatial
+    if transformer_config:
+        side_multiple *= spatial_patch(transformer_config) * adapter.token_multiple(transformer_config)
     conditioning = adapter.image_conditioning(transformer_config, vae_config) if transformer_config else None
     dataset_file = load_dataset_config(config.dataset_config, temporal)
     for dataset in dataset_file.datasets:
-        check_bucket_sizes(dataset, spatial * patch, config.dataset_config)
+        check_bucket_sizes(dataset, side_multiple, config.dataset_config)
     encoder_config = None if config.skip_teacher else _encoder_config(config)
     max_length = config.text_max_length or adapter.default_text_max_length
     prompts = [EMPTY_PROMPT, *(read_prompts(config.validation_prompts) if config.validation_prompts else [])]

@@ -70,13 +70,13 @@ class Skipped:
 
 
 def check_bucket_sizes(dataset: DatasetConfig, multiple: int, config_path: str) -> None:
-    """Buckets must divide into whole latent patches, or the DiT cannot take them."""
+    """Buckets must divide into whole latent patches (and attention tiles), or the DiT cannot take them."""
     for width, height in dataset.resolutions:
         if width % multiple or height % multiple:
             raise UserError(
                 f"{config_path}: dataset {dataset.name!r} resolution [{width}, {height}] is not a multiple of "
-                f"{multiple} (VAE compression x patch size); use e.g. [{round(width / multiple) * multiple}, "
-                f"{round(height / multiple) * multiple}]"
+                f"{multiple} (VAE compression x patch size, x the tile the DiT's attention needs); use e.g. "
+                f"[{round(width / multiple) * multiple}, {round(height / multiple) * multiple}]"
             )
 
 

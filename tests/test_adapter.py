@@ -23,7 +23,7 @@ def test_flow_shift_without_a_scheduler_config_is_the_family_default():
 def test_wan_prediction_is_the_models_sample(wan):
     adapter, transformer = wan
     latents = torch.randn(2, 4, 3, 4, 6)
-    kwargs = adapter.transformer_kwargs(latents, torch.tensor([500.0, 250.0]),
+    kwargs = adapter.transformer_kwargs(transformer, latents, torch.tensor([500.0, 250.0]),
                                         Conditioning(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)))
     with torch.no_grad():
         ours = adapter.prediction(transformer(**kwargs), latents.shape)

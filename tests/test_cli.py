@@ -230,3 +230,29 @@ def test_demo_trains_a_sanavideo_lora_that_its_pipeline_loads_and_generates_with
     video = pipe(prompt="a red ball moves across", frames=5, height=32, width=64, num_inference_steps=2,
                  use_resolution_binning=False, output_type="np", generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 5, 32, 64, 3) and torch.isfinite(torch.from_numpy(video)).all()
+
+
+def test_the_kandinsky5_demo_writes_a_lora_its_pipeline_loads_and_generates_with(tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import Kandinsky5T2VPipeline
+    from safetensors.torch import load_file
+
+    from train.lora import lora_layers
+
+    result = CliRunner().invoke(main, ["demo", "--family", "kandinsky5_video", "--workdir", str(tmp_path)],
+                                prog_name="crepa")
+    assert result.exit_code == 0, result.output
+    pipe = Kandinsky5T2VPipeline.from_pretrained(str(tmp_path / "models" / "kandinsky5_video"))
+    pipe.load_lora_weights(str(tmp_path / "run"))
+    saved = load_file(str(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
+    loaded = lora_layers(pipe.transformer)
+    assert len(saved) == 2 * len(loaded) > 0
+    for key, value in saved.items():  # every tensor of the file sits in the layer its name gives
+        name, _, part = key.removeprefix("transformer.").partition(".lora_")
+        layer = loaded[name].lora_A if part == "A.weight" else loaded[name].lora_B
+        (weight,) = [module.weight for module in layer.values()]
+        torch.testing.assert_close(weight, value, rtol=0, atol=0)
+    frames = pipe(prompt="a red circle moving right", height=48, width=64, num_frames=5, num_inference_steps=2,
+                  guidance_scale=1.0, output_type="np").frames
+    assert frames.shape == (1, 5, 48, 64, 3) and np.isfinite(frames).all()

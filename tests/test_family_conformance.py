@@ -29,7 +29,7 @@ from precompute.pipeline import run_precompute
 from train.config import TrainConfig
 from train.data import collate, to_tensors
 from train.lora import COMFYUI_WEIGHTS, LORA_WEIGHTS, lora_layers
-from train.trainer import run_train
+from train.trainer import forward_runs, run_train
 
 
 @pytest.fixture(scope="session", params=SUPPORTED_FAMILIES)
@@ -74,20 +74,25 @@ def load_pipeline(family: str, folder: str):
 
 
 def conditioning(family: str, folder: str, samples: list[dict], text_length: int) -> Conditioning:
-    """The cached clips' conditioning as the trainer builds it, with the VAE compression of the pipeline's config."""
+    """The cached clips' conditioning as the trainer hands it to one forward, with the VAE compression of the
+    pipeline's config."""
     adapter = get_family(family)
     compression = adapter.vae_compression(load_config(adapter.vae_class(), folder, "vae"))
-    return Conditioning.from_batch(collate([to_tensors(s) for s in samples], text_length), torch.device("cpu"),
-                                   compression)
+    batch, ((rows, tokens),) = forward_runs(adapter, collate([to_tensors(s) for s in samples], text_length))
+    return Conditioning.from_batch(batch, torch.device("cpu"), compression).select(rows, tokens)
 
 
-def forward_inputs(family: str, folder: str, sample: dict, text_length: int, latents: torch.Tensor | None = None,
-                   seed: int = 3) -> dict:
-    """The adapter's transformer kwargs for `latents` (B, C, F, H, W; default noise shaped like the cached clip),
-    with the clip's cached text."""
-    if latents is None:
-        latents = torch.randn((1, *sample["latents"].shape), generator=torch.Generator().manual_seed(seed))
-    return get_family(family).transformer_kwargs(latents, torch.tensor([400.0]),
+def noise_like(sample: dict, seed: int = 3) -> torch.Tensor:
+    """(1, C, F, H, W) noise shaped like the cached clip's latents."""
+    return torch.randn((1, *sample["latents"].shape), generator=torch.Generator().manual_seed(seed))
+
+
+def forward_inputs(family: str, folder: str, transformer: torch.nn.Module, sample: dict, text_length: int,
+                   noisy: torch.Tensor | None = None) -> dict:
+    """The adapter's transformer kwargs for `noisy` (B, C, F, H, W; default noise shaped like the cached clip), with
+    the clip's cached text."""
+    noisy = noise_like(sample) if noisy is None else noisy
+    return get_family(family).transformer_kwargs(transformer, noisy, torch.tensor([400.0]),
                                                  conditioning(family, folder, [sample], text_length))
 
 
@@ -124,7 +129,7 @@ def test_block_tokens_fill_the_token_grid_in_raster_order(family, pipeline_folde
     adapter = get_family(family)
     sample, _, text_length = cached_sample
     transformer = load_pipeline(family, pipeline_folder).transformer.eval()
-    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
+    inputs = forward_inputs(family, pipeline_folder, transformer, sample, text_length)
     latent_shape = (1, *sample["latents"].shape)
     grid = adapter.token_grid(transformer, latent_shape)
     assert all(0 < cells <= size for cells, size in zip(grid, latent_shape[2:], strict=True))
@@ -150,7 +155,7 @@ def test_the_student_block_is_captured_with_its_graph_however_blocks_are_called(
     adapter = get_family(family)
     sample, _, text_length = cached_sample
     transformer = load_pipeline(family, pipeline_folder).transformer.train()
-    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
+    inputs = forward_inputs(family, pipeline_folder, transformer, sample, text_length)
     latent_shape = (1, *sample["latents"].shape)
     first = adapter.blocks(transformer)[0]
     gradients = []
@@ -171,19 +176,19 @@ def test_a_planted_latent_lands_at_its_place_in_the_token_grid(family, pipeline_
     adapter = get_family(family)
     sample, _, text_length = cached_sample
     transformer = load_pipeline(family, pipeline_folder).transformer.eval()
-    latents = torch.randn((1, *sample["latents"].shape), generator=torch.Generator().manual_seed(3))
-    inputs = forward_inputs(family, pipeline_folder, sample, text_length, latents)
+    latents = noise_like(sample)
     latent_shape = latents.shape
     grid = adapter.token_grid(transformer, latent_shape)
     block = adapter.blocks(transformer)[0]
-    base = adapter.tokens_to_grid(block_input(transformer, block, inputs), grid)
+    base = adapter.tokens_to_grid(transformer, block_input(transformer, block, forward_inputs(
+        family, pipeline_folder, transformer, sample, text_length, latents)), grid)
     _, _, frames, height, width = latent_shape
     # corners that differ along t, h and w: a swapped axis or a transposed reshape moves the change elsewhere
     for t, h, w in [(frames - 1, 0, 0), (0, height - 1, 0), (0, 0, width - 1), (frames - 1, height - 1, 0)]:
         planted = latents.clone()
         planted[:, :, t, h, w] += 10.0
-        planted_inputs = forward_inputs(family, pipeline_folder, sample, text_length, planted)
-        tokens = adapter.tokens_to_grid(block_input(transformer, block, planted_inputs), grid)
+        inputs = forward_inputs(family, pipeline_folder, transformer, sample, text_length, planted)
+        tokens = adapter.tokens_to_grid(transformer, block_input(transformer, block, inputs), grid)
         changed = (tokens - base).abs().amax(dim=(0, 4)).gt(1e-6).nonzero().tolist()
         assert changed == [[t * grid[0] // frames, h * grid[1] // height, w * grid[2] // width]], (t, h, w)
 
@@ -234,11 +239,11 @@ def test_latents_are_normalised_as_the_pipeline_unnormalises_them(family, pipeli
     pipe.vae.decode = recording_decode
     zero = pipe.transformer.register_forward_hook(
         lambda module, args, output: torch.utils._pytree.tree_map(torch.zeros_like, output))
-    # the pipeline's `latents` are in the layout its transformer takes (packed for LTX-Video)
-    layout = forward_inputs(family, pipeline_folder, sample, text_length, latents.clone())["hidden_states"]
+    # the pipeline takes `latents=` in its transformer's layout (packed for LTX-Video, with any conditioning channels)
+    layout = forward_inputs(family, pipeline_folder, pipe.transformer, sample, text_length, latents)["hidden_states"]
     try:
         with torch.no_grad():
-            pipeline_call(pipe, frames, height, width, prompt=caption, latents=layout, num_inference_steps=2,
+            pipeline_call(pipe, frames, height, width, prompt=caption, latents=layout.clone(), num_inference_steps=2,
                           guidance_scale=1.0, output_type="pt")
     finally:
         zero.remove()
@@ -275,20 +280,24 @@ def test_cached_inputs_condition_the_transformer_as_the_pipeline_does(family, pi
     adapter = get_family(family)
     sample, caption, text_length = cached_sample
     pipe = load_pipeline(family, pipeline_folder)
-    latent_shape = torch.Size((1, *sample["latents"].shape))
-    calls = []  # each forward's arguments by name, however the pipeline passed them
+    noisy = noise_like(sample)
+    latent_shape = noisy.shape
+    calls = []  # each forward's arguments by name, however the pipeline passed them; copies, as a pipeline may
+    # update its latents in place after the forward
     signature = inspect.signature(pipe.transformer.forward)
     hook = pipe.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
+        lambda module, args, kwargs: calls.append(torch.utils._pytree.tree_map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
+            dict(signature.bind(*args, **kwargs).arguments))), with_kwargs=True)
+    start = forward_inputs(family, pipeline_folder, pipe.transformer, sample, text_length, noisy)["hidden_states"]
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # starting from our noise, in the layout the pipeline takes it
             pipeline_call(pipe, *pixel_size(adapter, pipe, latent_shape), fps=sample["fps"], prompt=caption,
-                          num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+                          num_inference_steps=2, guidance_scale=1.0, output_type="latent", latents=start)
     finally:
         hook.remove()
     theirs = calls[0]
-    noisy = adapter.prediction(theirs["hidden_states"], latent_shape)  # the pipeline's latents, in (B, C, F, H, W)
-    ours = adapter.transformer_kwargs(noisy, pipe.scheduler.timesteps[:1],
+    ours = adapter.transformer_kwargs(pipe.transformer, noisy, pipe.scheduler.timesteps[:1],
                                       conditioning(family, pipeline_folder, [sample], text_length))
 
     cached = torch.from_numpy(sample["text"]).float()
@@ -314,14 +323,14 @@ def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, 
     trained.load_state_dict(load_file(os.path.join(two_step_run, "checkpoint-2", "trainable.safetensors")),
                             strict=False)
     ours = lora_layers(trained)
-    inputs = forward_inputs(family, pipeline_folder, sample, text_length)
+    inputs = forward_inputs(family, pipeline_folder, trained, sample, text_length)
     with torch.no_grad():
         expected = trained(**inputs)[0]
         base = load_pipeline(family, pipeline_folder).transformer.eval()(**inputs)[0]
         assert not torch.allclose(base, expected, atol=1e-4), "the LoRA should change the outputs"
         for weights in (LORA_WEIGHTS, COMFYUI_WEIGHTS) if adapter.comfyui_lora else (LORA_WEIGHTS,):
             pipe = load_pipeline(family, pipeline_folder)
-            pipe.load_lora_weights(two_step_run, weight_name=weights)
+            pipe.load_lora_weights(**loadable_lora(pipe, adapter, two_step_run, weights))
             loaded = lora_layers(pipe.transformer)
             assert sorted(loaded) == sorted(ours), weights
             for name, layer in ours.items():  # every layer arrived with its weight change (a loader may fold alpha)
@@ -329,6 +338,68 @@ def test_trained_lora_loads_through_the_pipeline_and_reproduces_outputs(family, 
                 torch.testing.assert_close(loaded[name].get_delta_weight(adapter_name),
                                            layer.get_delta_weight("default"), rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(pipe.transformer.eval()(**inputs)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def loadable_lora(pipe, adapter, folder: str, weight_name: str) -> dict:
+    """The arguments of `pipe.load_lora_weights` for the LoRA file `weight_name` in `folder`.
+
+    The file itself, when the pipeline's loader reads its names. A ComfyUI file whose names this loader does not
+    convert (Kandinsky's reads diffusers names only) is what ComfyUI applies, under diffusers' names: each layer's
+    ComfyUI name mapped back through the adapter's ComfyUI map (the file has no `.alpha` keys, so ComfyUI applies
+    lora_B as it is: peft's scaling is folded in).
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, weight_name))
+    if not any(key.startswith("diffusion_model.") for key in pipe.lora_state_dict(dict(state))):
+        return {"pretrained_model_name_or_path_or_dict": folder, "weight_name": weight_name}
+    ours = {comfy: name for name, comfy in adapter.comfyui_modules(pipe.transformer).items()}
+    converted = {}
+    for key, value in state.items():
+        layer, _, part = key.partition(".lora_")
+        if part == "A.weight":
+            converted[f"transformer.{ours[layer]}.lora_A.weight"] = value
+            converted[f"transformer.{ours[layer]}.lora_B.weight"] = state[f"{layer}.lora_B.weight"]
+    assert len(converted) == len(state), "every ComfyUI layer has lora_A and lora_B, and nothing else"
+    return {"pretrained_model_name_or_path_or_dict": converted}
+
+
+def test_clips_train_in_a_batch_as_they_train_alone(family, pipeline_folder, cached_sample, tmp_path):
+    """Two clips whose captions differ in length: the batch's gradient is the mean of the clips' own gradients.
+
+    Families whose transformer sees every text token without a mask must not pad the shorter caption.
+    """
+    from crepa.projector import CrepaProjector
+    from crepa.schedule import CrepaWeightSchedule
+    from train.lora import add_lora
+    from train.trainer import StepParts, train_step
+
+    adapter = get_family(family)
+    sample, _, text_length = cached_sample
+    shorter = dict(sample, key="shorter", text=sample["text"][:-2],
+                   latents=sample["latents"] + torch.randn(sample["latents"].shape, generator=torch.Generator()
+                                                           .manual_seed(1)).numpy())
+    torch.manual_seed(0)
+    transformer = load_pipeline(family, pipeline_folder).transformer.train()
+    add_lora(transformer, 4, 4.0, 0.0, list(adapter.default_lora_targets))
+    for layer in lora_layers(transformer).values():  # lora_B starts at zero: give lora_A a gradient too
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    projector = CrepaProjector(adapter.hidden_dim(transformer), sample["teacher"].shape[-1])
+    cfg = train_config(family, "cache", pipeline_folder, str(tmp_path))
+    parts = StepParts(adapter, transformer, projector, CrepaWeightSchedule(cfg.schedule_config()), cfg, {},
+                      vae_compression=adapter.vae_compression(load_config(adapter.vae_class(), pipeline_folder, "vae")))
+    params = [p for module in (transformer, projector) for p in module.parameters() if p.requires_grad]
+
+    def gradients(samples: list[dict]) -> list[torch.Tensor]:
+        loss, _ = train_step(parts, collate([to_tensors(s) for s in samples], text_length), 5, torch.device("cpu"))
+        grads = torch.autograd.grad(loss, params)
+        return grads
+
+    batch = gradients([sample, shorter])
+    alone = [(a + b) / 2 for a, b in zip(gradients([sample]), gradients([shorter]), strict=True)]
+    assert all(g.abs().sum() > 0 for g in batch)
+    for got, expected in zip(batch, alone, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_a_crepa_step_trains_the_lora_and_the_projector(two_step_run):

@@ -98,7 +98,7 @@ def forward(transformer: torch.nn.Module, latents: torch.Tensor, text: torch.Ten
     batch = len(latents)
     conditioning = Conditioning(text, torch.ones(batch, text.shape[1], dtype=torch.bool), fps=fps,
                                 vae_compression=(8, 32))
-    kwargs = ADAPTER.transformer_kwargs(latents, torch.full((batch,), 500.0), conditioning)
+    kwargs = ADAPTER.transformer_kwargs(transformer, latents, torch.full((batch,), 500.0), conditioning)
     with torch.no_grad():
         return ADAPTER.prediction(transformer(**kwargs), latents.shape)
 
@@ -134,7 +134,8 @@ def test_an_unknown_frame_rate_is_the_pipelines_default(pipe):
 def test_without_the_vaes_compression_the_transformer_inputs_fail_clearly():
     conditioning = Conditioning(torch.zeros(1, 4, 12), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(UserError, match="VAE's compression.*vae/config.json"):
-        ADAPTER.transformer_kwargs(torch.zeros(1, 8, 2, 3, 4), torch.ones(1), conditioning)
+        ADAPTER.transformer_kwargs(ADAPTER.tiny_transformer(), torch.zeros(1, 8, 2, 3, 4), torch.ones(1),
+                                   conditioning)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,8 @@ def test_the_crepa_block_defaults_to_the_familys(tmp_path, tiny_pipelines, ltx_c
 def test_packed_latents_and_predictions_round_trip_in_raster_order():
     latents = torch.randn(2, 8, 3, 3, 4)
     conditioning = Conditioning(torch.zeros(2, 4, 12), torch.ones(2, 4, dtype=torch.bool), vae_compression=(8, 32))
-    packed = ADAPTER.transformer_kwargs(latents, torch.ones(2), conditioning)["hidden_states"]
+    packed = ADAPTER.transformer_kwargs(ADAPTER.tiny_transformer(), latents, torch.ones(2),
+                                        conditioning)["hidden_states"]
     assert packed.shape == (2, 3 * 3 * 4, 8)
     torch.testing.assert_close(packed[1, 2 * 12 + 1 * 4 + 3], latents[1, :, 2, 1, 3], rtol=0, atol=0)  # (t, h, w)
     torch.testing.assert_close(ADAPTER.prediction((packed,), latents.shape), latents, rtol=0, atol=0)

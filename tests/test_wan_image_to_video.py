@@ -84,7 +84,8 @@ def test_cached_condition_is_what_the_pipeline_builds_for_the_first_frame(i2v_ca
 
     # the transformer's input built from the cache alone, on the pipeline's noise and timestep
     noisy = theirs["hidden_states"][:, :channels]
-    ours = adapter.transformer_kwargs(noisy, theirs["timestep"], Conditioning.from_batch(batch, noisy.device))
+    ours = adapter.transformer_kwargs(pipe.transformer, noisy, theirs["timestep"],
+                                      Conditioning.from_batch(batch, noisy.device))
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**ours)[0], pipe.transformer(**theirs)[0], rtol=0, atol=1e-5)
 
@@ -182,7 +183,7 @@ def test_ti2v_vae_and_per_token_timesteps_work_through_the_configs(tmp_path, tin
     assert theirs["timestep"].shape == (1, 3 * 1 * 2)  # one per token (frames x h/2 x w/2 patches)
     adapter = get_family("wan")
     batch = collate([to_tensors(sample)], view.text.attrs["max_length"])
-    ours = adapter.transformer_kwargs(theirs["hidden_states"], theirs["timestep"][:, 0],
+    ours = adapter.transformer_kwargs(pipe.transformer, theirs["hidden_states"], theirs["timestep"][:, 0],
                                       Conditioning.from_batch(batch, torch.device("cpu")))
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(**ours)[0], pipe.transformer(**theirs)[0], rtol=0, atol=1e-5)

@@ -236,6 +236,24 @@ def collate(samples: list[dict], text_length: int) -> dict:
     return batch
 
 
+def split_by_text_length(batch: dict,
+                         lengths: torch.Tensor | None = None) -> tuple[dict, list[tuple[slice, int]]]:
+    """(the collated batch with its clips in order of caption length, (rows, caption length) of each length).
+
+    For families whose text cannot be padded: each run of rows is one forward on that many text tokens. Read from
+    the host copy of the mask, so it costs no device sync; `lengths` (B,) overrides the mask's counts.
+    """
+    lengths = batch["text_mask"].sum(dim=1) if lengths is None else lengths
+    order = torch.sort(lengths, stable=True).indices
+    if not torch.equal(order, torch.arange(len(order))):
+        batch = {name: [value[i] for i in order.tolist()] if isinstance(value, list) else value[order]
+                 for name, value in batch.items()}
+    values, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+    ends = counts.cumsum(0)
+    return batch, [(slice(end - count, end), length)
+                   for length, count, end in zip(values.tolist(), counts.tolist(), ends.tolist(), strict=True)]
+
+
 def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for a batch.
 

@@ -26,7 +26,7 @@ from train.block_swap import swap_blocks
 from train.caption_dropout import drop_captions, dropped_captions
 from train.checkpoint import find_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_projector
 from train.config import TrainConfig
-from train.data import prompt_conditioning
+from train.data import prompt_conditioning, split_by_text_length
 from train.experts import PRIMARY, Denoiser, DenoiserSet, Stage, training_stages
 from train.flow_matching import TimestepSampling, describe_timesteps, noisy_input, sample_noise, timesteps_from_sigmas
 from train.loader import TrainData, build_data, default_family
@@ -67,6 +67,11 @@ class StepParts:
     vae_compression: tuple[int, int] | None = field(default=None, kw_only=True)
     """(temporal, spatial) compression of the pipeline's VAE (from its config), None when the folder has no VAE."""
 
+    @property
+    def empty_text_length(self) -> int:
+        """Tokens of the cached empty prompt (which replaces dropped captions)."""
+        return int(self.empty_text.text_mask.sum())
+
     def shift(self, latent_shape: torch.Size) -> float:
         """Sigma shift for latents of `latent_shape` (B, C, F, H, W)."""
         return self.config.flow_shift or self.adapter.flow_shift(self.scheduler_config, latent_shape)
@@ -105,6 +110,37 @@ class TrainState:
                 "crepa_schedule": self.schedule.state_dict()}
 
 
+def forward_runs(adapter: FamilyAdapter, batch: dict,
+                 dropped: tuple[list[bool], int] | None = None) -> tuple[dict, list[tuple[slice, int | None]]]:
+    """(the batch, its forwards as (rows, text tokens)): one forward of all rows with the padded text, or for a family
+    whose text cannot be padded one per caption length, the batch sorted by it (`split_by_text_length`).
+
+    `dropped` is (whether each clip's caption is dropped, the empty prompt's token count): a dropped clip runs with
+    the empty prompt's length.
+    """
+    if adapter.text_padding:
+        return batch, [(slice(None), None)]
+    lengths = batch["text_mask"].sum(dim=1)
+    if dropped is not None:
+        lengths = torch.where(torch.tensor(dropped[0]), dropped[1], lengths)
+    return split_by_text_length(batch, lengths)
+
+
+def denoise(parts: StepParts, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+            runs: list[tuple[slice, int | None]]) -> torch.Tensor:
+    """The transformer's (B, C, F, H, W) prediction for a batch: one forward per (rows, text tokens) in `runs`.
+
+    A family whose text cannot be padded runs each caption length apart (`forward_runs`), its text cut to that
+    length: every clip is denoised seeing its own caption's tokens only, as its pipeline denoises it.
+    """
+    predictions = []
+    for rows, tokens in runs:
+        kwargs = parts.adapter.transformer_kwargs(parts.transformer, noisy[rows], timesteps[rows],
+                                                  conditioning.select(rows, tokens))
+        predictions.append(parts.adapter.prediction(parts.transformer(**kwargs), noisy[rows].shape))
+    return predictions[0] if len(predictions) == 1 else torch.cat(predictions)
+
+
 def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -> tuple[torch.Tensor, dict]:
     """Flow-matching loss plus the CREPA term for one micro-batch; returns (loss, metrics).
 
@@ -112,28 +148,32 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
     wraps it); the losses, the projector and the CREPA scores run in fp32 with autocast off, whoever calls this.
     """
     cfg = parts.config
+    dropped = None
+    if parts.empty_text is not None:
+        dropped = (dropped_captions(batch["keys"], cfg.seed, step, cfg.caption_dropout), parts.empty_text_length)
+    batch, runs = forward_runs(parts.adapter, batch, dropped)  # both losses are means over clips: order is free
     latents = batch["latents"].to(device)  # (B, C, F, H, W)
     sampling = parts.sampling(latents.shape)
     # each clip's noise and sigma follow from (seed, step, clip key), drawn on the device: no host copies, and
     # the same however the global batch is split over ranks and micro-steps
     noise, sigmas = sample_noise(batch["keys"], latents.shape[1:], cfg.seed, step, sampling, device)
     noisy, target = noisy_input(latents, noise, sigmas)
+    timesteps = timesteps_from_sigmas(sigmas)
     conditioning = Conditioning.from_batch(batch, device, parts.vae_compression)
     if parts.empty_text is not None:
         conditioning = drop_captions(conditioning, parts.empty_text,
                                      dropped_captions(batch["keys"], cfg.seed, step, cfg.caption_dropout))
-    kwargs = parts.adapter.transformer_kwargs(noisy, timesteps_from_sigmas(sigmas), conditioning)
     weight = parts.schedule.weight(step) if cfg.crepa_enabled else 0.0
     measure = cfg.crepa_enabled and parts.schedule.needs_scores(step)
     metrics = {"crepa_weight": weight, "flow_shift": sampling.shift}
     if not measure:  # no hook, no projector, no scores: a zero weight costs nothing
-        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
+        prediction = denoise(parts, noisy, timesteps, conditioning, runs)
         loss = flow = F.mse_loss(prediction.float(), target.float())
         return loss, {**metrics, "loss_flow": flow.detach()}
 
     teacher_block = cfg.crepa_teacher_block_index if cfg.crepa_use_backbone_features else None
     with BlockCapture(parts.adapter, parts.transformer, cfg.crepa_block_index, teacher_block) as capture:
-        prediction = parts.adapter.prediction(parts.transformer(**kwargs), latents.shape)
+        prediction = denoise(parts, noisy, timesteps, conditioning, runs)
         student = capture.student(latents.shape)  # (B, F, hs, ws, D_dit)
         teacher = capture.teacher(latents.shape) if teacher_block is not None else batch["teacher"].to(device)
     flow = F.mse_loss(prediction.float(), target.float())
@@ -153,7 +193,7 @@ def train_step(parts: StepParts, batch: dict, step: int, device: torch.device) -
 def check_compatibility(adapter: FamilyAdapter, transformer: nn.Module, data: TrainData, cfg: TrainConfig) -> None:
     """Everything about the cache that could fail mid-run is checked before step 0."""
     model = adapter.unwrap(transformer)
-    channels = model.config.in_channels
+    channels = adapter.latent_channels(model)
     if data.latent_channels + data.condition_channels != channels:
         condition = f" plus {data.condition_channels} of first-frame condition" if data.condition_channels else ""
         raise UserError(f"cache latents have {data.latent_channels} channels{condition} but the {adapter.name} "
@@ -368,6 +408,7 @@ def _trainable_denoiser(cfg: TrainConfig, adapter: FamilyAdapter, data: TrainDat
     """The pipeline's transformer of `stage`, checked against the cache, made trainable; and its CREPA projector."""
     override = cfg.transformer if stage.component == PRIMARY else None
     transformer = load_base(adapter.transformer_class(), cfg.model, stage.component, override, cfg.base_dtype)
+    adapter.set_attention_backend(transformer)
     check_compatibility(adapter, transformer, data, cfg)
     if cfg.full:
         transformer.requires_grad_(True)

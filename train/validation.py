@@ -88,7 +88,9 @@ def sample_flow(adapter: FamilyAdapter, transformer_at: Callable[[float], nn.Mod
         empty = _map(empty, lambda value: value.expand(batch, *value.shape[1:]))
 
     def velocity(transformer: nn.Module, conditioning: Conditioning, timestep: torch.Tensor) -> torch.Tensor:
-        kwargs = adapter.transformer_kwargs(latents, timestep, conditioning)
+        if not adapter.text_padding:  # the longest caption's tokens, none of the cache's padding beyond them
+            conditioning = conditioning.select(slice(None), int(conditioning.text_mask.sum(dim=1).max()))
+        kwargs = adapter.transformer_kwargs(transformer, latents, timestep, conditioning)
         return adapter.prediction(transformer(**kwargs), latents.shape).float()
 
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):

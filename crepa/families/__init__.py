@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from crepa.errors import UserError
 from crepa.families.base import Conditioning, FamilyAdapter
+from crepa.families.kandinsky5_video import Kandinsky5VideoAdapter
 from crepa.families.ltxvideo import LTXVideoAdapter
 from crepa.families.sanavideo import SanaVideoAdapter
 from crepa.families.wan import WanAdapter
@@ -12,6 +13,7 @@ _ADAPTERS: dict[str, type[FamilyAdapter]] = {
     WanAdapter.name: WanAdapter,
     LTXVideoAdapter.name: LTXVideoAdapter,
     SanaVideoAdapter.name: SanaVideoAdapter,
+    Kandinsky5VideoAdapter.name: Kandinsky5VideoAdapter,
 }
 SUPPORTED_FAMILIES = tuple(_ADAPTERS)
 

@@ -64,6 +64,14 @@ class Conditioning:
         arrays = {f.name: batch[f.name].to(device) for f in fields(cls) if isinstance(batch.get(f.name), torch.Tensor)}
         return cls(**arrays, vae_compression=vae_compression)
 
+    def select(self, rows: slice, tokens: int | None = None) -> Conditioning:
+        """The conditioning of the clips in `rows`, their text cut to its first `tokens` tokens when given."""
+        picked = {f.name: value[rows] if isinstance(value := getattr(self, f.name), torch.Tensor) else value
+                  for f in fields(self)}
+        if tokens is not None:
+            picked["text"], picked["text_mask"] = picked["text"][:, :tokens], picked["text_mask"][:, :tokens]
+        return Conditioning(**picked)
+
 
 def comfyui_names(model: nn.Module, table: tuple[tuple[str, str], ...]) -> dict[str, str]:
     """`diffusion_model.<name>` ComfyUI gives each module of `model` whose full name matches a (pattern, replacement)
@@ -105,7 +113,7 @@ class FamilyAdapter(ABC):
     """Timestep shift of the family's flow-matching scheduler, for pipelines that have no scheduler config (families
     whose scheduler shifts otherwise override `default_scheduler_config`)."""
     default_lora_targets: tuple[str, ...]
-    """Module-name suffixes that LoRA wraps by default."""
+    """Module-name suffixes that LoRA wraps by default (dotted suffixes such as `self_attention.out_layer` work)."""
     comfyui_lora: bool = True
     """Whether ComfyUI has a native model of this family that loads LoRAs under `comfyui_modules`' names; when it
     has none, --comfyui-export is refused."""
@@ -113,6 +121,10 @@ class FamilyAdapter(ABC):
     """The block CREPA aligns unless `crepa_block_index` says otherwise."""
     latents_normalisation: str = "(z - latents_mean) / latents_std, as the diffusers pipeline"
     """How `encode_video` normalises the VAE's latents, as the cache describes them."""
+    text_padding: bool = True
+    """Whether the denoiser may get text zero-padded to the cached max length (the family's pipeline pads too, or
+    masks the padding). False for a transformer that takes no text mask and whose pipeline does not pad: the trainer
+    then runs each caption length as its own forward, with the text cut to that length (no padding at all)."""
 
     def transformer_class(self) -> type[nn.Module]:
         import diffusers
@@ -137,6 +149,31 @@ class FamilyAdapter(ABC):
                 f"{option}={index} is out of range: the {self.name} transformer has {count} blocks, "
                 f"valid indices are 0..{count - 1}"
             )
+
+    def latent_channels(self, transformer: nn.Module) -> int:
+        """Channels of the latents the transformer denoises."""
+        return self.unwrap(transformer).config.in_channels
+
+    def attention_backend(self, transformer: nn.Module) -> str | None:
+        """The diffusers attention backend the transformer's config needs (`set_attention_backend`), None for the
+        default one."""
+        return None
+
+    def set_attention_backend(self, transformer: nn.Module) -> None:
+        """Give this transformer's attention the backend its config needs, leaving other models' alone.
+
+        diffusers' `set_attention_backend` also changes the process-wide default; the context restores it.
+        """
+        from diffusers.models.attention_dispatch import attention_backend
+
+        backend = self.attention_backend(transformer)
+        if backend:
+            with attention_backend(backend):
+                self.unwrap(transformer).set_attention_backend(backend)
+
+    def token_multiple(self, transformer_config: dict) -> int:
+        """What the token grid's sides must be a multiple of for the transformer's attention (1: anything)."""
+        return 1
 
     def vae_class(self) -> type[nn.Module]:
         import diffusers
@@ -189,11 +226,12 @@ class FamilyAdapter(ABC):
         return {}
 
     @abstractmethod
-    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+    def transformer_kwargs(self, transformer: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                            conditioning: Conditioning) -> dict:
-        """Keyword arguments of one denoiser forward, as the family's pipeline builds them.
+        """Keyword arguments of one forward of `transformer`, as the family's pipeline builds them from its config.
 
-        noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale.
+        noisy_latents (B, C, F, H, W); timesteps (B,) on the scheduler's 0..1000 scale. `hidden_states` in the
+        result is also the layout the family's pipeline takes as `latents=`.
         """
 
     image_encoder_class_name: str | None = None
@@ -308,8 +346,11 @@ class FamilyAdapter(ABC):
         """The (B, N, D) video tokens inside a block's forward output."""
         return output[0] if isinstance(output, tuple) else output
 
-    def tokens_to_grid(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(B, N, D) tokens in (t, h, w) raster order -> (B, F, hs, ws, D)."""
+    def tokens_to_grid(self, transformer: nn.Module, tokens: torch.Tensor,
+                       grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, D) tokens of `transformer`'s blocks -> (B, F, hs, ws, D); here they are in (t, h, w) raster order.
+
+        Families whose blocks order tokens otherwise override this."""
         frames, height, width = grid
         batch, count, dim = tokens.shape
         if count != frames * height * width:
@@ -321,3 +362,8 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def tiny_transformer_config(self) -> dict:
         """Constructor kwargs of a few-thousand-parameter transformer for tests and the demo."""
+
+    def tiny_transformer(self) -> nn.Module:
+        """A random transformer of `tiny_transformer_config`; families whose initialisation zeroes layers that
+        matter (e.g. modulation, which makes blocks the identity) randomise them here, so tests see real work."""
+        return self.transformer_class()(**self.tiny_transformer_config()).eval()

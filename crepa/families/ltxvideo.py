@@ -121,7 +121,7 @@ class LTXVideoAdapter(FamilyAdapter):
         lengths = tokens.attention_mask.gt(0).sum(dim=1)
         return [{"embeds": h[:n]} for h, n in zip(hidden, lengths.tolist(), strict=True)]
 
-    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+    def transformer_kwargs(self, transformer: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                            conditioning: Conditioning) -> dict:
         if conditioning.vae_compression is None:
             raise UserError("the ltxvideo transformer scales its positions by the VAE's compression, and none was "

@@ -63,7 +63,7 @@ class SanaVideoAdapter(WanLatents, FamilyAdapter):
         lengths = mask[:, keep].gt(0).sum(dim=1)
         return [{"embeds": h[:n]} for h, n in zip(hidden[:, keep], lengths.tolist(), strict=True)]
 
-    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+    def transformer_kwargs(self, transformer: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                            conditioning: Conditioning) -> dict:
         # timesteps on the scheduler's 0..1000 scale, unscaled, and no guidance embedding: as the pipeline calls it
         return dict(hidden_states=noisy_latents, timestep=timesteps, encoder_hidden_states=conditioning.text,

@@ -84,7 +84,7 @@ class WanAdapter(WanLatents, FamilyAdapter):
         lengths = mask.gt(0).sum(dim=1)
         return [{"embeds": h[:n]} for h, n in zip(hidden, lengths.tolist(), strict=True)]
 
-    def transformer_kwargs(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+    def transformer_kwargs(self, transformer: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                            conditioning: Conditioning) -> dict:
         # Wan attends to the zero-padded text tokens without a mask, exactly as its pipeline does.
         hidden = noisy_latents

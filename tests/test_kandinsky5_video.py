@@ -155,6 +155,9 @@ def test_the_text_set_is_keyed_by_both_encoders_and_tokenizers(tiny_pipelines, t
     config = PrecomputeConfig(dataset_config="d.toml", family=FAMILY, out=str(tmp_path / "cache"), model=model)
     before = text_identity(adapter, config, "float32", 512)
     assert {"tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"} <= set(before)
+    # and by what the pipeline does to a caption outside those files: its prompt template and the prefix it cuts
+    assert before["text_settings"]["prompt_template"].endswith("<|im_start|>user\n{}<|im_end|>")
+    assert before["text_settings"]["prompt_template_encode_start_idx"] == 128
     for subfolder in ("tokenizer_2", "text_encoder_2"):
         with open(os.path.join(model, subfolder, "extra.json"), "w") as f:
             f.write("{}")
@@ -248,3 +251,35 @@ def test_a_dropped_caption_runs_with_the_empty_prompts_length():
     assert [(rows.start, rows.stop, tokens) for rows, tokens in runs] == [(0, 1, 2), (1, 2, 3), (2, 3, 5)]
     _, undropped = forward_runs(get_family(FAMILY), batch)
     assert [tokens for _, tokens in undropped] == [3, 5]
+
+
+def pipeline_text(arrays: dict, prefix: str) -> dict:
+    """Kandinsky5T2VPipeline's precomputed-text arguments (`prompt_...` or `negative_prompt_...`) for one prompt."""
+    return {f"{prefix}prompt_embeds_qwen": arrays["text"][None],
+            f"{prefix}prompt_embeds_clip": arrays["text_pooled"][None],
+            f"{prefix}prompt_cu_seqlens": torch.tensor([0, len(arrays["text"])], dtype=torch.int32)}
+
+
+def test_validation_samples_what_the_pipeline_generates_from_the_same_text(tiny_pipelines):
+    """Validation sampling from the cached (padded) text of a prompt and of the empty prompt of guidance gives the
+    latents the pipeline generates from the same embeddings."""
+    from diffusers import Kandinsky5T2VPipeline
+
+    from train.data import prompt_conditioning
+    from train.validation import flow_sigmas, initial_noise, sample_flow
+
+    adapter = get_family(FAMILY)
+    pipe = Kandinsky5T2VPipeline.from_pretrained(tiny_pipelines(FAMILY))
+    encoders = {name: getattr(pipe, name) for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+    with torch.no_grad():
+        prompt, empty = ({"text": arrays["embeds"], "text_pooled": arrays["pooled"]}
+                         for arrays in adapter.encode_text(encoders, ["a red ball bouncing", ""], 512))
+        noise = initial_noise(0, (4, 3, 6, 8))
+        ours = sample_flow(adapter, lambda sigma: pipe.transformer, noise, flow_sigmas(3, 5.0, pipe.scheduler.config),
+                           prompt_conditioning([prompt], 512), prompt_conditioning([empty], 512), guidance=4.0)
+        start = adapter.transformer_kwargs(pipe.transformer, noise, torch.ones(1), Conditioning(
+            prompt["text"][None], torch.ones(1, len(prompt["text"]), dtype=torch.bool), prompt["text_pooled"][None]))
+        theirs = pipe(**pipeline_text(prompt, ""), **pipeline_text(empty, "negative_"), height=48, width=64,
+                      num_frames=9, num_inference_steps=3, guidance_scale=4.0, output_type="latent",
+                      latents=start["hidden_states"]).frames
+    torch.testing.assert_close(ours, theirs.movedim(-1, 1), rtol=1e-4, atol=1e-5)

@@ -88,6 +88,12 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
 
+    def text_settings(self) -> dict:
+        # the Qwen prompt template and the prefix cut after encoding live in the pipeline's code, not in its files
+        pipeline = text_pipeline(dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
+        return {"prompt_template": pipeline.prompt_template,
+                "prompt_template_encode_start_idx": pipeline.prompt_template_encode_start_idx}
+
     def encode_text(self, encoders: TextEncoders, captions: list[str],
                     max_length: int) -> list[dict[str, torch.Tensor]]:
         """The pipeline's own `encode_prompt`, one caption at a time as the pipeline encodes a prompt: in a batch its
@@ -193,7 +199,8 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
 
         from crepa.tiny_models import tiny_clip_tokenizer, tiny_qwen_tokenizer
 
-        qwen = tiny_qwen_tokenizer(text_pipeline_template())
+        settings = self.text_settings()
+        qwen = tiny_qwen_tokenizer(settings["prompt_template"], settings["prompt_template_encode_start_idx"])
         clip = tiny_clip_tokenizer()
         clip_config = CLIPTextConfig(vocab_size=len(clip), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                      num_attention_heads=2, max_position_embeddings=77,
@@ -216,7 +223,3 @@ def randomise_modulation(transformer: nn.Module, std: float) -> None:
             nn.init.normal_(module.out_layer.bias, std=std)
 
 
-def text_pipeline_template() -> str:
-    """The prompt template the pipeline wraps a caption in (Qwen chat format), read from a pipeline instance."""
-    return text_pipeline({"text_encoder": None, "tokenizer": None, "text_encoder_2": None,
-                          "tokenizer_2": None}).prompt_template

@@ -27,6 +27,8 @@ from torch import nn
 from bench.common import markdown_table, median, parser, record, spread, status_bytes, time_alternating
 from bench.real_configs import (
     DINOV2,
+    hunyuan_vae,
+    kandinsky5_transformer,
     ltx_transformer,
     ltx_vae,
     sanavideo_transformer,
@@ -98,6 +100,14 @@ FAMILIES = {
         "full": Preset(dit_layers=20, teacher_layers=40, frames=81, height=480, width=832, image_size=518,
                        gradient_checkpointing=True, rounds=10),
     }),
+    "kandinsky5_video": RealFamily("Kandinsky 5.0 T2V Lite", kandinsky5_transformer, hunyuan_vae, {
+        # 3 of 32 visual blocks (both text blocks); the same clip as Wan's CPU step
+        "cpu": Preset(dit_layers=3, teacher_layers=4, frames=9, height=64, width=112, image_size=70,
+                      gradient_checkpointing=False, rounds=4),
+        # 5 s at 24 fps, 512x768, as the pipeline's example generates: 31 x 32 x 48 latent tokens
+        "full": Preset(dit_layers=32, teacher_layers=40, frames=121, height=512, width=768, image_size=518,
+                       gradient_checkpointing=True, rounds=10),
+    }),
 }
 
 
@@ -113,14 +123,15 @@ def vae_compression(adapter: FamilyAdapter, real: RealFamily) -> tuple[int, int]
         return adapter.vae_compression(dict(real.vae().config))
 
 
-def text_batch(adapter: FamilyAdapter, transformer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, L, D) text of a CAPTION_TOKENS caption zero-padded to the family's length, as the cache serves it, and its
-    mask."""
+def text_batch(adapter: FamilyAdapter, transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """{'text' (1, L, D): a CAPTION_TOKENS caption zero-padded to the family's length, as the cache serves it,
+    'text_mask', and 'text_pooled' (1, P) for families that take a pooled vector}."""
     length, dim = adapter.default_text_max_length, adapter.text_embedding_dim(transformer)
     text, mask = torch.zeros(1, length, dim), torch.zeros(1, length, dtype=torch.bool)
     text[:, :CAPTION_TOKENS] = torch.randn(1, CAPTION_TOKENS, dim)
     mask[:, :CAPTION_TOKENS] = True
-    return text, mask
+    pooled = adapter.pooled_embedding_dim(transformer)
+    return {"text": text, "text_mask": mask} | ({"text_pooled": torch.randn(1, pooled)} if pooled else {})
 
 
 class StepBench:
@@ -139,10 +150,9 @@ class StepBench:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer.to(device).train()
         self.compression = vae_compression(adapter, real)
-        latents = torch.randn(latent_shape(adapter, real, preset, transformer.config.in_channels))
+        latents = torch.randn(latent_shape(adapter, real, preset, adapter.latent_channels(transformer)))
         latent_frames = latents.shape[2]
-        text, mask = text_batch(adapter, transformer)
-        self.batch = {"latents": latents, "text": text, "text_mask": mask}
+        self.batch = {"latents": latents, **text_batch(adapter, transformer)}
 
         settings = TeacherSettings(encoder=ENCODER, image_size=preset.image_size)
         crepa = set(variants) & {"b", "c"}
@@ -227,9 +237,10 @@ def flop_counts(family: str, preset: Preset, lora_rank: int) -> dict[str, float]
             transformer.enable_gradient_checkpointing()
         transformer.train()
         latents = torch.randn(latent_shape(adapter, real, preset, adapter.latent_channels(transformer)))
-        text, mask = text_batch(adapter, transformer)
-        kwargs = adapter.transformer_kwargs(transformer, latents, torch.ones(1),
-                                            Conditioning(text, mask, vae_compression=vae_compression(adapter, real)))
+        conditioning = Conditioning(**text_batch(adapter, transformer), vae_compression=vae_compression(adapter, real))
+        if not adapter.text_padding:  # the trainer hands such a family the caption's own tokens
+            conditioning = conditioning.select(slice(None), CAPTION_TOKENS)
+        kwargs = adapter.transformer_kwargs(transformer, latents, torch.ones(1), conditioning)
         with FlopCounterMode(display=False) as counter:
             adapter.prediction(transformer(**kwargs), latents.shape).float().square().mean().backward()
         counts["a"] = counter.get_total_flops()

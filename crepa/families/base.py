@@ -298,6 +298,10 @@ class FamilyAdapter(ABC):
     def text_embedding_dim(self, transformer: nn.Module) -> int:
         """Width of the text embeddings the transformer takes."""
 
+    def pooled_embedding_dim(self, transformer: nn.Module) -> int | None:
+        """Width of the pooled text vector the transformer takes (`text_pooled`); None when it takes none."""
+        return None
+
     @abstractmethod
     def comfyui_modules(self, transformer: nn.Module) -> dict[str, str]:
         """ComfyUI's LoRA name of every module of `transformer` that ComfyUI's loader patches.

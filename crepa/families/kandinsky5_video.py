@@ -141,6 +141,9 @@ class Kandinsky5VideoAdapter(FamilyAdapter):
     def text_embedding_dim(self, transformer: nn.Module) -> int:
         return self.unwrap(transformer).config.in_text_dim
 
+    def pooled_embedding_dim(self, transformer: nn.Module) -> int | None:
+        return self.unwrap(transformer).config.in_text_dim2
+
     def hidden_dim(self, transformer: nn.Module) -> int:
         return self.unwrap(transformer).config.model_dim
 
